@@ -1,0 +1,15 @@
+"""iscam: the reproducible companion of *IS-CAM: Integrated Score-CAM for axiomatic-based explanations*.
+
+Subpackages and modules:
+
+- :mod:`iscam.methods` -- Grad-CAM, Grad-CAM++, Smooth Grad-CAM++, Score-CAM, SS-CAM, IS-CAM (+ a random baseline)
+- :mod:`iscam.metrics` -- insertion/deletion AUC, Average Drop, Increase in Confidence, Win %, energy pointing game
+- :mod:`iscam.models` -- the paper's CNNs and the offline Coral MobileNets
+- :mod:`iscam.data` -- ILSVRC2012-val with bounding boxes
+- :mod:`iscam.experiment` -- resumable, provenance-stamped runs
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["__version__"]

@@ -1,0 +1,45 @@
+"""Where iscam finds its data and keeps its caches.
+
+The data root holds the models and images the project reads but never ships: a user points it at their
+own ImageNet, CI at ``../shared/assets``. It is taken, in order, from an explicit argument, the
+``ISCAM_DATA`` environment variable, or fails with a message that says how to set it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["DATA_ENV", "CACHE_ENV", "DataRootError", "data_root", "cache_dir"]
+
+DATA_ENV = "ISCAM_DATA"
+CACHE_ENV = "ISCAM_CACHE"
+
+
+class DataRootError(FileNotFoundError):
+    """The data root is not configured or does not exist."""
+
+
+def data_root(path: str | os.PathLike[str] | None = None) -> Path:
+    """Return the data root: ``path`` if given, else ``$ISCAM_DATA``; it must be an existing folder."""
+    source = "the data_root argument"
+    if path is None:
+        env = os.environ.get(DATA_ENV)
+        if not env:
+            raise DataRootError(
+                f"no data root configured: set {DATA_ENV}=/path/to/assets (a folder holding models/ and "
+                "imagenet-val-sample/, e.g. ../shared/assets) or pass data_root= / --data-root"
+            )
+        path, source = env, f"${DATA_ENV}"
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataRootError(f"data root {str(root)!r} (from {source}) is not an existing folder")
+    return root.resolve()
+
+
+def cache_dir() -> Path:
+    """Folder for converted models and other derived files: ``$ISCAM_CACHE`` or ``~/.cache/iscam``."""
+    env = os.environ.get(CACHE_ENV)
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "iscam"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
