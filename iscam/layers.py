@@ -13,6 +13,7 @@ DEFAULT_TARGET_LAYERS: dict[str, str] = {
     "squeezenet1_0": "features.12",
     "mobilenet_v2": "features.18",
     "mobilenet_v2_coral": "features.18",
+    "mobilenet_v1_coral_tiny": "features.13",  # last depthwise-separable block (256 channels)
 }
 
 

@@ -1,0 +1,450 @@
+"""ILSVRC2012 validation images with their bounding boxes, preprocessed exactly as the models expect.
+
+Two sources: a manifest CSV (``file,label,width,height,boxes``, as in the shared assets'
+``imagenet-val-sample/manifest.csv``) and the official layout (``ILSVRC2012_val_*.JPEG`` + the per-image XML
+files of ``ILSVRC2012_bbox_val_v3``). Both yield :class:`Sample` s: the normalised tensor, the torchvision class
+index, the boxes mapped into the network's input frame, and the file name.
+
+**Box convention.** Boxes are ``(x0, y0, x1, y1)`` in continuous pixel coordinates, ``x`` along columns: pixel
+``(row j, column i)`` is the unit square ``[i, i+1) x [j, j+1)`` with centre ``(i + 0.5, j + 0.5)``, and a box
+covers ``[x0, x1) x [y0, y1)``. Rasterise a box as the pixels whose centres lie inside it,
+``x0 <= i + 0.5 < x1`` and ``y0 <= j + 0.5 < y1``. Resizing scales these coordinates by
+``new_size / old_size`` (what PIL's resampling does to pixel centres) and cropping subtracts the offset, so a
+mapped box lies exactly over the same image content.
+
+Images of any mode (greyscale, CMYK, RGBA, palette) become RGB as in torchvision's default loader
+(``Image.convert("RGB")``; alpha is dropped). An image that cannot be read raises
+:class:`UnreadableImageError`; :func:`iter_batches` logs it by name on ``logging.getLogger("iscam.data")``
+and goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from iscam import config
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MANIFEST_COLUMNS",
+    "IMAGENET_VAL_IMAGES",
+    "IMAGENET_VAL_BOXES",
+    "UnreadableImageError",
+    "Preprocess",
+    "Sample",
+    "Batch",
+    "BoxAnnotation",
+    "ManifestDataset",
+    "ImageNetValDataset",
+    "imagenet_wnids",
+    "load_image",
+    "parse_boxes",
+    "format_boxes",
+    "read_bbox_xml",
+    "sample_manifest",
+    "iter_batches",
+]
+
+log = logging.getLogger("iscam.data")
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+MANIFEST_COLUMNS: tuple[str, ...] = ("file", "label", "width", "height", "boxes")
+#: Where the official ImageNet validation files are expected under a data root (override with arguments).
+IMAGENET_VAL_IMAGES = "ILSVRC2012_img_val"
+IMAGENET_VAL_BOXES = "ILSVRC2012_bbox_val_v3/val"
+
+
+class UnreadableImageError(OSError):
+    """An image file that is missing, truncated or not an image; the message names the file."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Preprocessing
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    resized_width: int
+    resized_height: int
+    left: int
+    top: int
+
+
+class Preprocess:
+    """Resize, crop, scale to [0, 1] and normalise a PIL image; map boxes the same way.
+
+    ``resize="crop"`` (default, the authors' code): ``Resize(size)`` -- the shorter side to ``size``, the longer
+    to ``int(size * long / short)`` as torchvision computes it -- then ``CenterCrop(size)`` with torchvision's
+    offsets ``int(round((n - size) / 2))``. ``resize="stretch"`` (the paper's text): a plain ``size x size``
+    resize. Resampling is torchvision's ``Resize`` on a PIL image: bilinear with antialiasing (PIL's filter),
+    so the uint8 image from :meth:`resize_image` is exactly what ``transforms.Resize`` + ``CenterCrop`` give.
+    """
+
+    def __init__(
+        self,
+        size: int = 224,
+        resize: str = "crop",
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        if resize not in ("crop", "stretch"):
+            raise ValueError(f"resize must be 'crop' (Resize + CenterCrop) or 'stretch' (plain resize), got {resize!r}")
+        if int(size) != size or size < 1:
+            raise ValueError(f"size must be a positive integer, got {size!r}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std need three values (std > 0), got {mean!r}, {std!r}")
+        self.size = int(size)
+        self.resize = resize
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+
+    def __repr__(self) -> str:
+        return f"Preprocess(size={self.size}, resize={self.resize!r}, mean={self.mean}, std={self.std})"
+
+    def geometry(self, width: int, height: int) -> _Geometry:
+        """Resized size and crop offset for an image of ``width x height``."""
+        if width < 1 or height < 1:
+            raise ValueError(f"image size must be positive, got {width}x{height}")
+        if self.resize == "stretch":
+            return _Geometry(self.size, self.size, 0, 0)
+        short, long = min(width, height), max(width, height)
+        new_long = int(self.size * long / short)  # torchvision's _compute_resized_output_size
+        new_w, new_h = (self.size, new_long) if width <= height else (new_long, self.size)
+        return _Geometry(new_w, new_h, int(round((new_w - self.size) / 2.0)), int(round((new_h - self.size) / 2.0)))
+
+    def resize_image(self, image: Image.Image) -> torch.Tensor:
+        """The resized (and cropped) RGB image as uint8 ``[3, size, size]`` -- what a uint8 model would be fed."""
+        image = _to_rgb(image)
+        geo = self.geometry(*image.size)
+        image = TF.resize(image, [geo.resized_height, geo.resized_width], InterpolationMode.BILINEAR, antialias=True)
+        if self.resize == "crop":
+            image = TF.crop(image, geo.top, geo.left, self.size, self.size)
+        return TF.pil_to_tensor(image)
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[..., 3, H, W]`` (or float in [0, 1]) -> normalised float32 (not in place)."""
+        x = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        return (x - mean) / std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`normalize`, clamped to [0, 1] (for plots)."""
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        return (x * std + mean).clamp(0.0, 1.0)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.normalize(self.resize_image(image))
+
+    def map_boxes(self, boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        """Map ``[n, 4]`` boxes from an image of ``width x height`` into the ``size x size`` input frame.
+
+        Coordinates are scaled by the resize factors, shifted by the crop offset and clipped to
+        ``[0, size]``; boxes with zero width or height after clipping (outside the crop) are dropped, so the
+        result has ``m <= n`` rows, in the input order. See the module docstring for the pixel convention.
+        """
+        boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        geo = self.geometry(width, height)
+        scale = torch.tensor([geo.resized_width / width, geo.resized_height / height] * 2)
+        offset = torch.tensor([geo.left, geo.top] * 2, dtype=torch.float32)
+        mapped = (boxes * scale - offset).clamp(0.0, float(self.size))
+        keep = (mapped[:, 2] > mapped[:, 0]) & (mapped[:, 3] > mapped[:, 1])
+        return mapped[keep]
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def load_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Read an image fully into memory as RGB; :class:`UnreadableImageError` (naming it) if that fails."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return _to_rgb(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise UnreadableImageError(f"cannot read image {os.fspath(path)!r}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------------------
+# Samples and datasets
+
+
+class Sample(NamedTuple):
+    image: torch.Tensor  #: [3, H, W] normalised
+    label: int  #: torchvision class index
+    boxes: torch.Tensor  #: [m, 4] float, (x0, y0, x1, y1) in input pixels, x = column
+    file: str
+
+
+class Batch(NamedTuple):
+    x: torch.Tensor  #: [B, 3, H, W]
+    labels: torch.Tensor  #: [B] long
+    boxes: list[torch.Tensor]  #: B tensors [m_i, 4]
+    files: list[str]
+    indices: torch.Tensor  #: [B] long, positions in the dataset
+
+
+class _Dataset(Protocol):
+    files: list[str]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Sample: ...
+
+
+def parse_boxes(text: str) -> torch.Tensor:
+    """``"x0 y0 x1 y1;x0 y0 x1 y1"`` -> float32 ``[m, 4]`` (empty text -> ``[0, 4]``)."""
+    text = (text or "").strip()
+    if not text:
+        return torch.zeros(0, 4)
+    rows = []
+    for part in text.split(";"):
+        values = part.split()
+        if len(values) != 4:
+            raise ValueError(f"a box needs 4 numbers 'x0 y0 x1 y1', got {part!r}")
+        rows.append([float(v) for v in values])
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def format_boxes(boxes: torch.Tensor | Sequence[Sequence[float]]) -> str:
+    """Inverse of :func:`parse_boxes` (shortest exact decimal of each float)."""
+    return ";".join(" ".join(f"{float(v):g}" for v in box) for box in torch.as_tensor(boxes).reshape(-1, 4).tolist())
+
+
+class ManifestDataset:
+    """Images listed in a manifest CSV with columns ``file,label,width,height,boxes``.
+
+    ``boxes`` are in the pixel frame of a ``width x height`` image (see the module docstring); if the file on
+    disk has another size, the boxes are rescaled to it first. ``image_dir`` defaults to the manifest's folder;
+    ``limit`` keeps the first rows only.
+    """
+
+    def __init__(
+        self,
+        manifest_csv: str | os.PathLike[str],
+        preprocess: Preprocess,
+        *,
+        image_dir: str | os.PathLike[str] | None = None,
+        limit: int | None = None,
+    ) -> None:
+        self.manifest = Path(manifest_csv)
+        if not self.manifest.is_file():
+            raise FileNotFoundError(f"manifest not found: {self.manifest}")
+        self.image_dir = Path(image_dir) if image_dir is not None else self.manifest.parent
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(f"image folder {self.image_dir} (for manifest {self.manifest}) does not exist")
+        self.preprocess = preprocess
+        with open(self.manifest, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(
+                    f"manifest {self.manifest} lacks column(s) {', '.join(missing)}; "
+                    f"expected header {','.join(MANIFEST_COLUMNS)}, found {reader.fieldnames}"
+                )
+            rows = list(reader)
+        if limit is not None:
+            rows = rows[: max(int(limit), 0)]
+        if not rows:
+            raise ValueError(f"manifest {self.manifest} has no rows" + (" (limit=0)" if limit == 0 else ""))
+        self.files: list[str] = []
+        self.labels: list[int] = []
+        self.sizes: list[tuple[int, int]] = []
+        self.boxes: list[torch.Tensor] = []
+        for line, row in enumerate(rows, start=2):
+            try:
+                self.files.append(row["file"])
+                self.labels.append(int(row["label"]))
+                self.sizes.append((int(row["width"]), int(row["height"])))
+                self.boxes.append(parse_boxes(row["boxes"]))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"manifest {self.manifest}, line {line}: {exc}") from exc
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Sample:
+        image = load_image(self.image_dir / self.files[index])
+        width, height = self.sizes[index]
+        boxes = self.boxes[index]
+        if image.size != (width, height):
+            boxes = boxes * torch.tensor([image.width / width, image.height / height] * 2)
+        boxes = self.preprocess.map_boxes(boxes, image.width, image.height)
+        return Sample(self.preprocess(image), self.labels[index], boxes, self.files[index])
+
+
+@lru_cache(maxsize=1)
+def imagenet_wnids() -> tuple[str, ...]:
+    """The 1000 ILSVRC2012 WordNet ids in torchvision's class order (sorted; index 1 is ``n01443537``)."""
+    text = resources.files("iscam.resources").joinpath("imagenet_wnids.txt").read_text(encoding="utf-8")
+    wnids = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if len(wnids) != 1000 or list(wnids) != sorted(set(wnids)):
+        raise RuntimeError("iscam/resources/imagenet_wnids.txt is damaged: expected 1000 sorted unique wnids")
+    return wnids
+
+
+class BoxAnnotation(NamedTuple):
+    width: int
+    height: int
+    wnid: str  #: the class of the first object (in ILSVRC2012-val every object has the image's class)
+    boxes: torch.Tensor  #: [m, 4] continuous (x0, y0, x1, y1) of the objects of class ``wnid``
+
+
+def read_bbox_xml(path: str | os.PathLike[str]) -> BoxAnnotation:
+    """Read one ``ILSVRC2012_bbox_val_v3`` (PASCAL-VOC style) XML file.
+
+    VOC coordinates are 1-based inclusive pixel indices, so ``xmin..xmax`` covers the continuous interval
+    ``[xmin - 1, xmax)``; boxes are clipped to the image. Objects of another class than the first are ignored.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"bounding-box file not found: {path}")
+    try:
+        root = ET.parse(path).getroot()
+        width = int(root.findtext("size/width", ""))
+        height = int(root.findtext("size/height", ""))
+        objects = root.findall("object")
+        if not objects:
+            raise ValueError("no <object> element")
+        wnid = (objects[0].findtext("name") or "").strip()
+        boxes = []
+        for obj in objects:
+            if (obj.findtext("name") or "").strip() != wnid:
+                continue
+            box = obj.find("bndbox")
+            if box is None:
+                raise ValueError("an <object> without <bndbox>")
+            xmin, ymin, xmax, ymax = (float(box.findtext(k, "")) for k in ("xmin", "ymin", "xmax", "ymax"))
+            boxes.append([max(xmin - 1, 0.0), max(ymin - 1, 0.0), min(xmax, width), min(ymax, height)])
+    except (ET.ParseError, ValueError) as exc:
+        raise ValueError(f"malformed bounding-box XML {path}: {exc}") from exc
+    return BoxAnnotation(width, height, wnid, torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+
+
+class ImageNetValDataset:
+    """The official ILSVRC2012 validation layout: ``ILSVRC2012_val_*.JPEG`` + one XML per image.
+
+    Labels come from each XML's class (``<object><name>``), mapped to torchvision indices through the sorted
+    wnid list (:func:`imagenet_wnids`); boxes are those of that class. ``files`` restricts the dataset to
+    some file names (e.g. ``data_scripts/paper_2000.csv``). Missing folders, images or XML files are
+    reported when the dataset is built.
+    """
+
+    def __init__(
+        self,
+        image_dir: str | os.PathLike[str],
+        bbox_dir: str | os.PathLike[str],
+        preprocess: Preprocess,
+        *,
+        files: Sequence[str] | None = None,
+    ) -> None:
+        self.image_dir, self.bbox_dir, self.preprocess = Path(image_dir), Path(bbox_dir), preprocess
+        for what, folder in (("image", self.image_dir), ("bounding-box", self.bbox_dir)):
+            if not folder.is_dir():
+                raise FileNotFoundError(f"ILSVRC2012 validation {what} folder not found: {folder}")
+        if files is None:
+            self.files = sorted(p.name for p in self.image_dir.glob("ILSVRC2012_val_*.JPEG"))
+            if not self.files:
+                raise FileNotFoundError(f"no ILSVRC2012_val_*.JPEG files in {self.image_dir}")
+        else:
+            self.files = list(files)
+            if not self.files:
+                raise ValueError("files= is empty")
+            absent = [f for f in self.files if not (self.image_dir / f).is_file()]
+            if absent:
+                raise FileNotFoundError(
+                    f"{len(absent)} of {len(self.files)} listed images missing in {self.image_dir}, e.g. {absent[:3]}"
+                )
+        missing = [f for f in self.files if not self._xml(f).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} bounding-box XML file(s) missing in {self.bbox_dir}, e.g. "
+                f"{[self._xml(f).name for f in missing[:3]]}"
+            )
+        self._index = {wnid: i for i, wnid in enumerate(imagenet_wnids())}
+
+    def _xml(self, file: str) -> Path:
+        return self.bbox_dir / (Path(file).stem + ".xml")
+
+    def annotation(self, index: int) -> tuple[int, BoxAnnotation]:
+        """``(label, annotation)`` of one image, without reading the image."""
+        ann = read_bbox_xml(self._xml(self.files[index]))
+        if ann.wnid not in self._index:
+            raise ValueError(f"{self._xml(self.files[index])}: {ann.wnid!r} is not one of the 1000 ILSVRC2012 classes")
+        return self._index[ann.wnid], ann
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Sample:
+        label, ann = self.annotation(index)
+        image = load_image(self.image_dir / self.files[index])
+        boxes = ann.boxes
+        if image.size != (ann.width, ann.height):
+            boxes = boxes * torch.tensor([image.width / ann.width, image.height / ann.height] * 2)
+        boxes = self.preprocess.map_boxes(boxes, image.width, image.height)
+        return Sample(self.preprocess(image), label, boxes, self.files[index])
+
+
+def sample_manifest(data_root: str | os.PathLike[str] | None = None, name: str = "imagenet-val-sample") -> Path:
+    """Path of ``<data root>/<name>/manifest.csv``, with an error saying what the data root should hold."""
+    root = config.data_root(data_root)
+    path = root / name / "manifest.csv"
+    if not path.is_file():
+        present = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise FileNotFoundError(
+            f"no {name}/manifest.csv under the data root {root} (it holds: {present}); the data root must be the "
+            "folder with models/ and imagenet-val-sample/ (see data_scripts/fetch_assets.py)"
+        )
+    return path
+
+
+def iter_batches(dataset: _Dataset, batch_size: int, indices: Sequence[int] | None = None) -> Iterator[Batch]:
+    """Yield batches of ``batch_size`` samples (the last may be smaller) in ``indices`` order.
+
+    An unreadable image is logged by name (warning on ``iscam.data``) and skipped; the batch is filled from the
+    following images, and :attr:`Batch.indices` says which dataset items each batch holds.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = range(len(dataset)) if indices is None else [int(i) for i in indices]
+    pending: list[tuple[int, Sample]] = []
+    for index in order:
+        try:
+            pending.append((index, dataset[index]))
+        except UnreadableImageError as exc:
+            log.warning("skipping %s: %s", dataset.files[index], exc)
+            continue
+        if len(pending) == batch_size:
+            yield _collate(pending)
+            pending = []
+    if pending:
+        yield _collate(pending)
+
+
+def _collate(items: list[tuple[int, Sample]]) -> Batch:
+    return Batch(
+        x=torch.stack([s.image for _, s in items]),
+        labels=torch.tensor([s.label for _, s in items], dtype=torch.long),
+        boxes=[s.boxes for _, s in items],
+        files=[s.file for _, s in items],
+        indices=torch.tensor([i for i, _ in items], dtype=torch.long),
+    )
