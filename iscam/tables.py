@@ -1,0 +1,324 @@
+"""The paper's tables computed from a results store, with bootstrap confidence intervals.
+
+Every table function takes the frame of :meth:`iscam.store.ResultsStore.read` (already narrowed to one
+parameter set per method with :func:`select`) and returns a *long* frame, one row per (model, method,
+metric)::
+
+    model  method  name     metric     ours   low    high   n     paper  paper_model  diff
+
+``ours`` is the mean over images of the per-image score in percent, ``low``/``high`` its 95% percentile
+bootstrap interval over images (:func:`iscam.stats.bootstrap_ci`, seeded), ``paper`` the published value
+(:data:`PAPER_VALUES`) for ``paper_model`` and ``diff = ours - paper``. The paper reports each table for
+specific CNNs; for a model it did not use (e.g. the Coral MobileNets of the offline profiles) the paper
+column shows the VGG-16 value and ``paper_model`` says so. :func:`format_table` prints a wide text table.
+
+Percentages: insertion/deletion AUC x 100 (Table I), Average Drop = mean of max(0, Y-O)/Y x 100 and
+Increase in Confidence = share of images with O > Y x 100 (Table II), Win % = share of images where IS-CAM's
+Y-O is strictly smaller (ties count as no win), pointing-game proportion x 100 (Table III). Images whose
+boxes all fall outside the (cropped) frame have no pointing value and are left out of Table III's mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .stats import bootstrap_ci
+
+__all__ = [
+    "PAPER_VALUES",
+    "PAPER_SOURCES",
+    "PAPER_MODELS",
+    "METHOD_ORDER",
+    "TableError",
+    "select",
+    "table_i",
+    "table_ii",
+    "win_table",
+    "table_iii",
+    "mean_curves",
+    "all_tables",
+    "format_table",
+]
+
+#: The published numbers, copied from the paper text (shared/paper/iscam-paper.txt). Percentages.
+PAPER_VALUES: dict[str, dict[str, dict[str, dict[str, float]]]] = {
+    # TABLE I. "Average AUC scores of the Insertion curve (the higher, the better) and Deletion curve (the
+    # lower, the better) over all the 2000 images." VGG-16 (section IV.B). Columns "Insertion %", "Deletion %".
+    "table_i": {
+        "vgg16": {
+            "insertion": {"gradcam": 45.25, "gradcampp": 44.94, "smoothgradcampp": 42.68,
+                          "scorecam": 48.22, "sscam": 45.92, "iscam": 48.13},
+            "deletion": {"gradcam": 11.25, "gradcampp": 11.41, "smoothgradcampp": 13.43,
+                         "scorecam": 9.92, "sscam": 11.46, "iscam": 9.92},
+        },
+    },
+    # TABLE II. "Average Drop (the lower, the better) and Average Increase in Confidence (the higher, the
+    # better) across 2000 ILSVRC Validation images." Columns "VGG-16 / Resnet / SqueezeNet: Avg Drop%, Avg Inc%".
+    "table_ii": {
+        "vgg16": {
+            "average_drop": {"scorecam": 66.03, "sscam": 79.15, "iscam": 63.30},
+            "increase": {"scorecam": 51.85, "sscam": 51.30, "iscam": 52.35},
+        },
+        "resnet18": {
+            "average_drop": {"scorecam": 64.23, "sscam": 64.53, "iscam": 64.85},
+            "increase": {"scorecam": 53.55, "sscam": 54.80, "iscam": 53.50},
+        },
+        "squeezenet1_0": {
+            "average_drop": {"scorecam": 13.42, "sscam": 12.06, "iscam": 13.00},
+            "increase": {"scorecam": 60.85, "sscam": 64.85, "iscam": 62.15},
+        },
+    },
+    # Win % (section IV.B, item 3, prose): "When our approach is compared to SS-CAM, we get 59.25% and when
+    # compared to Score-CAM, we get 52.35% using VGG-16". Keyed by the method IS-CAM is compared against.
+    "win": {
+        "vgg16": {"win": {"sscam": 59.25, "scorecam": 52.35}},
+    },
+    # TABLE III. "Localization Evaluation": energy-based pointing game, columns "VGG-16 / ResNet18 /
+    # SqueezeNet1.0 Proportion(%)".
+    "table_iii": {
+        "vgg16": {"pointing": {"gradcam": 42.69, "gradcampp": 42.87, "smoothgradcampp": 42.97,
+                               "scorecam": 43.07, "sscam": 42.46, "iscam": 43.17}},
+        "resnet18": {"pointing": {"gradcam": 43.55, "gradcampp": 43.53, "smoothgradcampp": 43.56,
+                                  "scorecam": 43.46, "sscam": 43.30, "iscam": 43.52}},
+        "squeezenet1_0": {"pointing": {"gradcam": 42.01, "gradcampp": 41.83, "smoothgradcampp": 41.77,
+                                       "scorecam": 42.48, "sscam": 41.98, "iscam": 42.40}},
+    },
+}
+
+#: Where each table's numbers come from in the paper.
+PAPER_SOURCES: dict[str, str] = {
+    "table_i": "Table I: insertion / deletion AUC (%), VGG-16, 2000 ILSVRC2012-val images",
+    "table_ii": "Table II: Average Drop % / Average Increase in Confidence %, VGG-16, ResNet-18, SqueezeNet1.0",
+    "win": "Section IV.B item 3: Win % of IS-CAM vs SS-CAM (59.25) and vs Score-CAM (52.35), VGG-16",
+    "table_iii": "Table III: energy-based pointing game proportion (%), VGG-16, ResNet-18, SqueezeNet1.0",
+}
+
+#: The CNNs the paper used (torchvision names).
+PAPER_MODELS: tuple[str, ...] = ("vgg16", "resnet18", "squeezenet1_0")
+#: Row order of the tables: the paper's, then the random baseline, then anything else.
+METHOD_ORDER: tuple[str, ...] = ("gradcam", "gradcampp", "smoothgradcampp", "scorecam", "sscam", "iscam", "random")
+_FALLBACK_NAMES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "smoothgradcampp": "Smooth Grad-CAM++",
+                   "scorecam": "Score-CAM", "sscam": "SS-CAM", "iscam": "IS-CAM", "random": "Random"}
+_METRIC_LABELS = {"insertion": "Insertion %", "deletion": "Deletion %", "average_drop": "Avg Drop %",
+                  "increase": "Avg Inc %", "pointing": "Proportion %"}
+_COLUMNS = ["model", "method", "name", "params_key", "metric", "ours", "low", "high", "n", "paper",
+            "paper_model", "diff"]
+
+
+class TableError(ValueError):
+    """A store that cannot make the requested table (e.g. two parameter sets for one method)."""
+
+
+def _paper_names() -> dict[str, str]:
+    try:
+        from .methods import PAPER_NAMES
+    except Exception:  # noqa: BLE001 - the tables must work from a store alone
+        return dict(_FALLBACK_NAMES)
+    return {**_FALLBACK_NAMES, **dict(PAPER_NAMES)}
+
+
+def _method_rank(method: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def select(frame: pd.DataFrame, config: Any = None, *, methods: Iterable[tuple[str, Mapping[str, Any]]] | None = None,
+           metrics_key: str | None = None) -> pd.DataFrame:
+    """Rows of ``frame`` that belong to one run description.
+
+    ``config``: an :class:`iscam.experiment.ExperimentConfig`, its ``to_dict()`` (e.g. ``run.json``'s
+    ``"config"``), or None. Keeps the config's model, its (method, params) pairs and its metric parameters.
+    ``methods`` / ``metrics_key`` select explicitly instead (``methods=[("iscam", {"N": 15})]``).
+    """
+    from .store import params_key
+
+    if config is not None:
+        from .experiment import ExperimentConfig, config_from_dict
+
+        parsed = config if isinstance(config, ExperimentConfig) else config_from_dict(config)
+        frame = frame[frame["model"] == parsed.model.name]
+        if methods is None:
+            methods = [(m.name, m.params) for m in parsed.methods]
+        if metrics_key is None:
+            metrics_key = parsed.metrics.key
+    if methods is not None:
+        wanted = {(name, params_key(params)) for name, params in methods}
+        pairs = list(zip(frame["method"], frame["params_key"]))
+        frame = frame[[pair in wanted for pair in pairs]]
+    if metrics_key is not None:
+        frame = frame[frame["metrics_key"] == metrics_key]
+    return frame.reset_index(drop=True)
+
+
+def _check_unique(frame: pd.DataFrame) -> None:
+    """One parameter set, metric protocol and setup per (model, method), or a TableError naming them."""
+    for (model, method), group in frame.groupby(["model", "method"], sort=False):
+        for column in ("params_key", "metrics_key", "layer", "precision", "weights", "resize"):
+            values = sorted(group[column].astype(str).unique())
+            if len(values) > 1:
+                raise TableError(
+                    f"{model}/{method} has rows for {len(values)} different {column} values ({'; '.join(values)}): "
+                    "narrow the frame first with iscam.tables.select(frame, config) or select(frame, methods=[...])"
+                )
+
+
+def _paper(table: str, model: str, metric: str, method: str, paper_model: str | None) -> tuple[float, str]:
+    values = PAPER_VALUES[table]
+    chosen = paper_model or (model if model in values else "vgg16")
+    if chosen not in values:
+        return float("nan"), chosen
+    return float(values[chosen].get(metric, {}).get(method, float("nan"))), chosen
+
+
+def _row(model: str, method: str, pkey: str, metric: str, scores: np.ndarray, table: str,
+         paper_model: str | None, n_boot: int, seed: int, paper_metric: str | None = None) -> dict[str, Any]:
+    scores = scores[np.isfinite(scores)]
+    if scores.size:
+        ci = bootstrap_ci(scores, n_boot=n_boot, seed=seed)
+        ours, low, high = ci.estimate, ci.low, ci.high
+    else:
+        ours = low = high = float("nan")
+    paper, chosen = _paper(table, model, paper_metric or metric, method, paper_model)
+    return {"model": model, "method": method, "name": _paper_names().get(method, method), "params_key": pkey,
+            "metric": metric, "ours": ours, "low": low, "high": high, "n": int(scores.size),
+            "paper": paper, "paper_model": chosen, "diff": ours - paper}
+
+
+def _metric_table(frame: pd.DataFrame, table: str, metrics: Sequence[tuple[str, str]], *,
+                  methods: Sequence[str] | None, paper_model: str | None, n_boot: int, seed: int) -> pd.DataFrame:
+    _check_unique(frame)
+    rows = []
+    groups = frame.groupby(["model", "method"], sort=False)
+    keys = sorted(groups.groups, key=lambda k: (k[0], _method_rank(k[1])))
+    for model, method in keys:
+        if methods is not None and method not in methods:
+            continue
+        group = groups.get_group((model, method))
+        for metric, column in metrics:
+            scores = 100.0 * group[column].to_numpy(dtype=np.float64)
+            rows.append(_row(model, method, str(group["params_key"].iloc[0]), metric, scores, table,
+                             paper_model, n_boot, seed))
+    return pd.DataFrame(rows, columns=_COLUMNS)
+
+
+def table_i(frame: pd.DataFrame, *, methods: Sequence[str] | None = None, paper_model: str | None = None,
+            n_boot: int = 10000, seed: int = 0) -> pd.DataFrame:
+    """Table I: insertion AUC % (higher is better) and deletion AUC % (lower is better)."""
+    return _metric_table(frame, "table_i", [("insertion", "insertion_auc"), ("deletion", "deletion_auc")],
+                         methods=methods, paper_model=paper_model, n_boot=n_boot, seed=seed)
+
+
+def table_ii(frame: pd.DataFrame, *, methods: Sequence[str] | None = None, paper_model: str | None = None,
+             n_boot: int = 10000, seed: int = 0) -> pd.DataFrame:
+    """Table II: Average Drop % (lower is better) and Increase in Confidence % (higher is better)."""
+    return _metric_table(frame, "table_ii", [("average_drop", "drop"), ("increase", "increase")],
+                         methods=methods, paper_model=paper_model, n_boot=n_boot, seed=seed)
+
+
+def table_iii(frame: pd.DataFrame, *, methods: Sequence[str] | None = None, paper_model: str | None = None,
+              n_boot: int = 10000, seed: int = 0) -> pd.DataFrame:
+    """Table III: energy-based pointing game, proportion of the map's energy inside the boxes, %."""
+    return _metric_table(frame, "table_iii", [("pointing", "pointing")],
+                         methods=methods, paper_model=paper_model, n_boot=n_boot, seed=seed)
+
+
+def win_table(frame: pd.DataFrame, *, method: str = "iscam", against: Sequence[str] = ("sscam", "scorecam"),
+              paper_model: str | None = None, n_boot: int = 10000, seed: int = 0) -> pd.DataFrame:
+    """Win % of ``method`` against each of ``against``, on the images both have (paired by file).
+
+    One row per (model, opponent): ``metric`` is ``"win"``, ``method`` the opponent; ``tie`` holds the
+    share of exact ties. The interval resamples images (bootstrap of the per-image win indicator).
+    """
+    _check_unique(frame)
+    rows = []
+    for model, group in sorted(frame.groupby("model", sort=False), key=lambda item: item[0]):
+        mine = group[group["method"] == method].set_index("file")["change"]
+        if mine.empty:
+            continue
+        for other in against:
+            theirs = group[group["method"] == other].set_index("file")["change"]
+            paired = pd.concat([mine.rename("a"), theirs.rename("b")], axis=1, join="inner").dropna()
+            wins = 100.0 * (paired["a"] < paired["b"]).to_numpy(dtype=np.float64)
+            row = _row(model, other, str(group.loc[group["method"] == method, "params_key"].iloc[0]), "win",
+                       wins, "win", paper_model, n_boot, seed)
+            row["tie"] = float(100.0 * (paired["a"] == paired["b"]).mean()) if len(paired) else float("nan")
+            row["name"] = f"{_paper_names().get(method, method)} vs {_paper_names().get(other, other)}"
+            rows.append(row)
+    return pd.DataFrame(rows, columns=_COLUMNS + ["tie"])
+
+
+def mean_curves(frame: pd.DataFrame, kind: str = "insertion") -> pd.DataFrame:
+    """Mean insertion or deletion curve per (model, method) (Fig. 3): columns model, method, fraction, score.
+
+    ``fraction`` is the share of pixels inserted/deleted (0..1 over the n+1 frames).
+    """
+    if kind not in ("insertion", "deletion"):
+        raise TableError(f"kind must be 'insertion' or 'deletion', got {kind!r}")
+    column = f"{kind}_curve"
+    if column not in frame.columns:
+        raise TableError(f"the frame has no {column} column: read the store with curves=True")
+    _check_unique(frame)
+    rows = []
+    for (model, method), group in frame.groupby(["model", "method"], sort=False):
+        curves = [np.asarray(c, dtype=np.float64) for c in group[column] if c is not None and len(c)]
+        if not curves:
+            continue
+        lengths = {len(c) for c in curves}
+        if len(lengths) > 1:
+            raise TableError(f"{model}/{method}: curves of different lengths {sorted(lengths)} (mixed input sizes?)")
+        mean = np.mean(np.stack(curves), axis=0)
+        fractions = np.linspace(0.0, 1.0, len(mean))
+        rows.extend({"model": model, "method": method, "fraction": f, "score": s, "n": len(curves)}
+                    for f, s in zip(fractions, mean))
+    result = pd.DataFrame(rows, columns=["model", "method", "fraction", "score", "n"])
+    return result
+
+
+def all_tables(frame: pd.DataFrame, *, n_boot: int = 10000, seed: int = 0,
+               paper_model: str | None = None) -> dict[str, pd.DataFrame]:
+    """Every table the frame has data for: keys ``table_i``, ``table_ii``, ``win``, ``table_iii``."""
+    tables: dict[str, pd.DataFrame] = {}
+    options = {"n_boot": n_boot, "seed": seed, "paper_model": paper_model}
+    if frame[["insertion_auc", "deletion_auc"]].notna().any().any():
+        tables["table_i"] = table_i(frame, **options)
+    if frame["drop"].notna().any():
+        tables["table_ii"] = table_ii(frame, **options)
+        methods = set(frame["method"])
+        if "iscam" in methods and methods & {"sscam", "scorecam"}:
+            against = [m for m in ("sscam", "scorecam") if m in methods]
+            tables["win"] = win_table(frame, against=against, **options)
+    if frame["pointing"].notna().any():
+        tables["table_iii"] = table_iii(frame, **options)
+    return tables
+
+
+def format_table(table: pd.DataFrame, *, title: str | None = None, digits: int = 2) -> str:
+    """A long table as text: one line per (model, method), per metric ``ours [low, high] (paper p)``."""
+    if table.empty:
+        return (title + "\n" if title else "") + "(no rows)"
+    lines = [title] if title else []
+    metrics = list(dict.fromkeys(table["metric"]))
+    cells: list[list[str]] = []
+    header = ["model", "method", "n"] + [_METRIC_LABELS.get(m, "Win %" if m == "win" else m) for m in metrics]
+    for (model, name), group in table.groupby(["model", "name"], sort=False):
+        row = [str(model), str(name), str(int(group["n"].max()))]
+        for metric in metrics:
+            found = group[group["metric"] == metric]
+            if found.empty:
+                row.append("")
+                continue
+            item = found.iloc[0]
+            text = f"{item['ours']:.{digits}f} [{item['low']:.{digits}f}, {item['high']:.{digits}f}]"
+            if np.isfinite(item["paper"]):
+                text += f" (paper {item['paper']:.{digits}f}"
+                text += ")" if item["paper_model"] == model else f", {item['paper_model']})"
+            row.append(text)
+        cells.append(row)
+    widths = [max(len(r[i]) for r in cells + [header]) for i in range(len(header))]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells)
+    return "\n".join(lines)
