@@ -336,6 +336,13 @@ def test_energy_pointing_game_known_answers():
     torch.testing.assert_close(result, torch.tensor([1.0, 0.0, 0.0]))  # the zero map gives 0
 
 
+def test_energy_pointing_game_half_open_on_pixel_centres():
+    saliency = torch.arange(1.0, 17.0).view(1, 4, 4)
+    # Centres 0.5 and 1.5 lie in [0.5, 2.5); centre 2.5 does not: rows/columns 0 and 1 only.
+    result = metrics.energy_pointing_game(saliency, [torch.tensor([[0.5, 0.5, 2.5, 2.5]])])
+    assert result.item() == pytest.approx((1 + 2 + 5 + 6) / 136)
+
+
 def test_energy_pointing_game_x_is_column():
     saliency = torch.zeros(1, 4, 6)
     saliency[0, 0, 4] = 1.0  # row 0, column 4
