@@ -8,7 +8,7 @@ same curves; the largest difference is printed as a check.
 The model has random weights (no downloads here) and the inputs are random normalised images with
 random saliency maps: the cost of the metric does not depend on what the map shows.
 
-    python benchmarks/metrics_cpu.py                      # CPU, writes benchmarks/results/metrics_cpu.{json,md}
+    python benchmarks/metrics_cpu.py          # CPU; writes benchmarks/results/metrics_cpu.{json,md}
     python benchmarks/metrics_cpu.py --device cuda --images 32 --single-images 2 --out /tmp/metrics_cuda
 """
 
@@ -95,7 +95,8 @@ def main() -> None:
         {"mode": f"batched (batch_size={args.batch_size})", "images": args.images, "seconds": batched_s,
          "images_per_s": args.images / batched_s, "frames_per_s": args.images * frames / batched_s},
         {"mode": "one frame at a time (batch_size=1)", "images": args.single_images, "seconds": single_s,
-         "images_per_s": args.single_images / single_s, "frames_per_s": args.single_images * frames / single_s},
+         "images_per_s": args.single_images / single_s,
+         "frames_per_s": args.single_images * frames / single_s},
     ]
     speedup = rows[0]["images_per_s"] / rows[1]["images_per_s"]
     result = {

@@ -169,7 +169,8 @@ def test_one_pixel_model_perfect_ranking_gives_analytic_auc():
     model = OnePixelModel(row=5, col=9, gain=3.0)
     x = _images(batch=1, size=size)
     x[0, 0, 5, 9] = 1.5
-    saliency = torch.rand(1, size, size, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.5
+    generator = torch.Generator().manual_seed(0)
+    saliency = torch.rand(1, size, size, generator=generator, dtype=torch.float64) * 0.5
     saliency[0, 5, 9] = 1.0
     n = math.ceil(size * size / step)
     big_p = 1 / (1 + math.exp(-3.0 * 1.5))
@@ -199,7 +200,8 @@ def test_constant_model_auc_equals_its_probability():
     probability = torch.softmax(torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64), dim=0)[2].item()
     for function in (metrics.deletion_curve, metrics.insertion_curve):
         areas = metrics.auc(function(model, x, saliency, 2, step=7))
-        torch.testing.assert_close(areas, torch.full((2,), probability, dtype=torch.float64), rtol=0, atol=1e-15)
+        expected = torch.full((2,), probability, dtype=torch.float64)
+        torch.testing.assert_close(areas, expected, rtol=0, atol=1e-15)
 
 
 def test_auc_hand_computed():
@@ -276,7 +278,8 @@ def test_average_drop_and_increase_hand_computed():
     clean = torch.tensor([0.5, 0.8, 0.2, 0.4])
     masked = torch.tensor([0.25, 0.9, 0.2, 0.0])
     torch.testing.assert_close(metrics.average_drop(clean, masked), torch.tensor([0.5, 0.0, 0.0, 1.0]))
-    torch.testing.assert_close(metrics.increase_in_confidence(clean, masked), torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    increase = metrics.increase_in_confidence(clean, masked)
+    torch.testing.assert_close(increase, torch.tensor([0.0, 1.0, 0.0, 0.0]))
     with pytest.raises(ValueError, match=r"image\(s\) \[1\]"):
         metrics.average_drop(torch.tensor([0.5, 0.0]), torch.tensor([0.1, 0.1]))
     with pytest.raises(ValueError, match="same images"):
@@ -400,8 +403,8 @@ def test_curves_reject_bad_input(tiny_cnn, change, message):
     arguments = dict(x=torch.randn(2, 3, 16, 16), saliency=torch.rand(2, 16, 16), target=1, step=8)
     arguments.update(change)
     with pytest.raises(ValueError, match=message):
-        metrics.deletion_curve(tiny_cnn, arguments.pop("x"), arguments.pop("saliency"), arguments.pop("target"),
-                               **arguments)
+        x, saliency, target = arguments.pop("x"), arguments.pop("saliency"), arguments.pop("target")
+        metrics.deletion_curve(tiny_cnn, x, saliency, target, **arguments)
 
 
 def test_confidence_rejects_bad_input(tiny_cnn):
