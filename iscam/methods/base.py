@@ -1,0 +1,356 @@
+"""Shared machinery of every CAM method: layer resolution, input and target checks, model-state
+restoration, the clean forward that captures the target layer, and map normalisation.
+
+A method subclasses :class:`CAM` and implements :meth:`CAM._saliency`; everything else lives here once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from types import TracebackType
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from iscam.layers import DEFAULT_TARGET_LAYERS, layer_name, resolve_layer
+
+__all__ = [
+    "AMP_MODES",
+    "CAM",
+    "Target",
+    "default_target_layer",
+    "minmax_normalize",
+    "upsample",
+]
+
+#: What ``target`` may be: None (argmax of the clean logits), one class for the whole batch, or one per image.
+Target = int | Sequence[int] | Tensor | None
+
+#: Mixed-precision modes accepted by ``amp=``: None (the input's own dtype) or bfloat16 autocast.
+AMP_MODES: tuple[str | None, ...] = (None, "bf16")
+
+
+def default_target_layer(model: nn.Module) -> str:
+    """The paper's target layer for ``model``, found from its class (VGG, ResNet-18, SqueezeNet, MobileNetV2).
+
+    Raises ``ValueError`` when the architecture has no known default, so the caller passes ``target_layer``.
+    """
+    kind = type(model).__name__
+    key: str | None = None
+    if kind == "VGG":
+        key = "vgg16"
+    elif kind == "ResNet" and _resnet_depth(model) == 18:
+        key = "resnet18"
+    elif kind == "SqueezeNet":
+        key = "squeezenet1_0"
+    elif kind == "MobileNetV2":
+        key = "mobilenet_v2"
+    if key is None:
+        known = ", ".join(sorted(DEFAULT_TARGET_LAYERS))
+        raise ValueError(
+            f"no default target layer for a {kind}: pass target_layer= (a name from model.named_modules() "
+            f"or the module itself); defaults exist for {known}"
+        )
+    return DEFAULT_TARGET_LAYERS[key]
+
+
+def _resnet_depth(model: nn.Module) -> int | None:
+    """Depth of a torchvision ResNet from its block counts (18 = four stages of two basic blocks)."""
+    stages = [getattr(model, f"layer{i}", None) for i in range(1, 5)]
+    if any(not isinstance(stage, nn.Sequential) for stage in stages):
+        return None
+    blocks = [block for stage in stages for block in stage]  # type: ignore[union-attr]
+    convs_per_block = 3 if type(blocks[0]).__name__ == "Bottleneck" else 2
+    return convs_per_block * len(blocks) + 2
+
+
+def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize of ``[B, K, h, w]`` maps to ``size`` with ``align_corners=False`` (the authors' setting)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+
+
+def minmax_normalize(maps: Tensor, dims: tuple[int, ...] = (-2, -1)) -> Tensor:
+    """``(m - min) / (max - min)`` over ``dims``; a constant map (e.g. all zero) becomes all zero, never NaN."""
+    low = maps.amin(dim=dims, keepdim=True)
+    span = maps.amax(dim=dims, keepdim=True) - low
+    safe = torch.where(span > 0, span, torch.ones_like(span))
+    return torch.where(span > 0, (maps - low) / safe, torch.zeros_like(maps))
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode and give every submodule its own training flag back afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+class CAM(ABC):
+    """A class-activation-map method: ``cam(x, target)`` -> saliency ``[B, H, W]`` in [0, 1] on ``x.device``.
+
+    Args:
+        model: the classifier (its ``training`` flags are restored after every call; its weights and their
+            ``requires_grad`` flags are never changed, except for the memory layout with ``channels_last``).
+        target_layer: a dotted name from ``model.named_modules()`` or the module itself; ``None`` picks the
+            paper's layer for VGG-16, ResNet-18, SqueezeNet 1.0 and MobileNetV2 and raises otherwise.
+        batch_size: images per forward pass for methods that forward many perturbed inputs; ``None`` picks
+            one from the device (halved automatically on CUDA out-of-memory).
+        amp: ``None`` or ``"bf16"`` (bfloat16 autocast for the perturbed forwards).
+        channels_last: convert the model and the perturbed inputs to the channels-last memory layout (faster
+            convolutions on recent GPUs; values unchanged).
+
+    Attributes:
+        forward_count: cumulative number of images this object has forwarded through the model.
+        last_stats: counts of the last call (``forwards``, and for the Score family ``channels``,
+            ``skipped_constant``, ``deduplicated``).
+    """
+
+    #: Registry name used by :func:`iscam.methods.get`.
+    name: ClassVar[str] = ""
+    #: Whether the method reads a target layer (the random baseline does not).
+    uses_layer: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: str | nn.Module | None = None,
+        *,
+        batch_size: int | None = None,
+        amp: str | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)):
+            raise TypeError(f"batch_size must be a positive int or None, got {batch_size!r}")
+        if batch_size is not None and batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
+        self.model = model
+        self.layer: nn.Module | None = None
+        self.target_layer: str | None = None
+        if self.uses_layer:
+            layer = default_target_layer(model) if target_layer is None else target_layer
+            self.layer = resolve_layer(model, layer)
+            self.target_layer = layer_name(model, self.layer)
+        self.batch_size = batch_size
+        self.amp = amp
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.forward_count = 0
+        self.last_stats: dict[str, int] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._closed = False
+
+    # ------------------------------------------------------------------ public interface
+    def __call__(self, x: Tensor, target: Target = None) -> Tensor:
+        """Saliency maps ``[B, H, W]`` (float32, in [0, 1], on ``x.device``) for the classes ``target``.
+
+        ``target=None`` explains the argmax of the model's logits on the clean ``x``.
+        """
+        self._check_open()
+        x = self._check_input(x)
+        start = self.forward_count
+        self.last_stats = {}
+        with _eval_mode(self.model):
+            saliency = self._saliency(x, target)
+        self.last_stats["forwards"] = self.forward_count - start
+        return saliency.to(torch.float32)
+
+    def close(self) -> None:
+        """Remove every hook this object placed on the model; the object cannot be called afterwards."""
+        self._remove_hooks()
+        self._closed = True
+
+    def __enter__(self) -> CAM:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._extra_repr()})"
+
+    # ------------------------------------------------------------------ for subclasses
+    @abstractmethod
+    def _saliency(self, x: Tensor, target: Target) -> Tensor:
+        """Saliency ``[B, H, W]`` in [0, 1] for a checked input ``x``; called with the model in eval mode."""
+
+    def _extra_repr(self) -> str:
+        return f"target_layer={self.target_layer!r}"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__} was closed: create a new one to compute more maps")
+
+    @staticmethod
+    def _check_input(x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor of shape [B, 3, H, W], got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"x must be a 4-D batch [B, 3, H, W], got shape {tuple(x.shape)}")
+        if x.shape[1] != 3:
+            raise ValueError(f"x must have 3 colour channels (shape [B, 3, H, W]), got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError("x is an empty batch")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point (normalised) tensor, got {x.dtype}")
+        return x
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+        if self.amp == "bf16":
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _layout(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _hooked_forward(self, x: Tensor, *, grad: bool) -> tuple[Tensor, Tensor]:
+        """Forward ``x`` once with a hook on the target layer; return (logits, target-layer activation).
+
+        The hook exists only during this forward, so the many perturbed forwards that follow run hook-free.
+        With ``grad=True`` the activation is returned as a fresh leaf that requires grad and the model
+        continues from a copy of it: gradients with respect to it are available even if the weights are
+        frozen, and nothing upstream of the layer is back-propagated.
+        """
+        assert self.layer is not None
+        captured: list[Tensor] = []
+
+        def capture(_module: nn.Module, _inputs: tuple[Any, ...], output: Any) -> Tensor | None:
+            if not isinstance(output, Tensor) or output.ndim != 4:
+                raise TypeError(
+                    f"target layer {self.target_layer!r} must output a [B, K, h, w] tensor, got "
+                    f"{type(output).__name__}{'' if not isinstance(output, Tensor) else tuple(output.shape)}"
+                )
+            if grad:
+                leaf = output.detach().requires_grad_(True)
+                captured.append(leaf)
+                return leaf.clone()  # a non-leaf copy, so in-place layers downstream stay legal
+            captured.append(output.detach())
+            return None
+
+        handle = self.layer.register_forward_hook(capture)
+        self._handles.append(handle)
+        try:
+            logits = self.model(x)
+        finally:
+            handle.remove()
+            self._handles.remove(handle)
+        self.forward_count += x.shape[0]
+        if not isinstance(logits, Tensor) or logits.ndim != 2:
+            raise TypeError(f"the model must return logits [B, classes], got {getattr(logits, 'shape', logits)}")
+        if not captured:
+            raise RuntimeError(f"target layer {self.target_layer!r} was not called during the forward pass")
+        return logits, captured[-1]
+
+    @staticmethod
+    def _resolve_target(target: Target, logits: Tensor) -> Tensor:
+        """The class index per image as a LongTensor ``[B]`` on the logits' device (argmax when None)."""
+        batch, classes = logits.shape
+        if target is None:
+            return logits.detach().argmax(dim=1)
+        if isinstance(target, bool):
+            raise TypeError("target must be None, an int, a sequence of ints or a LongTensor [B], got a bool")
+        if isinstance(target, int):
+            indices = torch.full((batch,), target, dtype=torch.long)
+        elif isinstance(target, Tensor):
+            if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
+                raise TypeError(f"target tensor must hold integer class indices, got {target.dtype}")
+            indices = target.reshape(-1) if target.ndim <= 1 else target
+            if indices.ndim != 1:
+                raise ValueError(f"target tensor must be 1-D [B], got shape {tuple(target.shape)}")
+            if target.ndim == 0:
+                indices = indices.expand(batch)
+        elif isinstance(target, Sequence) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in target
+        ):
+            indices = torch.tensor(list(target), dtype=torch.long)
+        else:
+            raise TypeError(
+                f"target must be None, an int, a sequence of ints or a LongTensor [B], got {type(target).__name__}"
+            )
+        if indices.shape[0] != batch:
+            raise ValueError(f"target has {indices.shape[0]} entries but the batch has {batch} images")
+        indices = indices.to(device=logits.device, dtype=torch.long)
+        # One host sync per call: the range check must see the values.
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or high >= classes:
+            bad = low if low < 0 else high
+            raise ValueError(f"target class {bad} is out of range: the model has {classes} classes (0..{classes - 1})")
+        return indices
+
+    def _default_batch_size(self, device: torch.device) -> int:
+        if self.batch_size is not None:
+            return self.batch_size
+        return 512 if device.type == "cuda" else 64
+
+    def _run_chunks(self, total: int, device: torch.device, step: Callable[[slice], None]) -> None:
+        """Call ``step(rows)`` over ``range(total)`` in chunks of the batch size.
+
+        The chunk size starts at ``batch_size`` (or the device default) and is halved on CUDA out-of-memory,
+        retrying the same rows; the size that worked is kept for later calls. ``step`` must leave its
+        results on the device (no per-chunk host sync) and count its forwards.
+        """
+        size = self._default_batch_size(device)
+        start = 0
+        while start < total:
+            rows = slice(start, min(start + size, total))
+            try:
+                step(rows)
+            except torch.cuda.OutOfMemoryError:
+                if size <= 1:
+                    raise
+                torch.cuda.empty_cache()
+                size //= 2
+                self.batch_size = size
+                continue
+            start = rows.stop
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _check_non_negative(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a non-negative number, got {value!r}")
+    if not value >= 0:  # also rejects NaN
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return float(value)
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(repr(c) for c in choices)}")
+    return str(value)
+
+
+def _chunked(total: int, size: int) -> Iterator[slice]:
+    for start in range(0, total, size):
+        yield slice(start, min(start + size, total))

@@ -1,0 +1,46 @@
+"""A random-saliency baseline: the sanity row every metric table needs (real explanations must beat it)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from iscam.methods.base import CAM, Target
+
+__all__ = ["RandomCAM"]
+
+
+class RandomCAM(CAM):
+    """Uniform random saliency in [0, 1) at the input resolution, independent of the model and the target.
+
+    Maps come from a CPU ``torch.Generator`` seeded once with ``seed`` at construction and advanced by every
+    call, so a given seed and sequence of calls always yields the same maps, on any device. The model is
+    never run (``forward_count`` stays 0); ``target_layer``, ``batch_size``, ``amp`` and ``channels_last``
+    are accepted for a uniform interface and ignored.
+    """
+
+    name = "random"
+    uses_layer = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: str | nn.Module | None = None,
+        *,
+        seed: int = 0,
+        batch_size: int | None = None,
+        amp: str | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        super().__init__(model, None, batch_size=batch_size, amp=amp, channels_last=False)
+        self.seed = seed
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def _saliency(self, x: Tensor, target: Target) -> Tensor:
+        batch, _, height, width = x.shape
+        return torch.rand((batch, height, width), generator=self._generator).to(x.device)
+
+    def _extra_repr(self) -> str:
+        return f"seed={self.seed}"

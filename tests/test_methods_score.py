@@ -1,0 +1,366 @@
+"""Score-CAM, SS-CAM and IS-CAM against plain per-channel float64 loops, TorchCAM, and themselves
+(batched vs single image, chunk sizes, deduplication)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from iscam import methods
+from iscam.methods.score import iscam_coefficients, sscam_noise_seed
+
+Perturb = Callable[[Tensor, Tensor, int], Iterable[Tensor]]
+
+
+# ---------------------------------------------------------------------------- the reference: a plain loop
+def reference(
+    model: nn.Module, layer: nn.Module, x: Tensor, perturb: Perturb, target: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Weights [B, K] and maps [B, H, W] of the Score family, one image, one channel, one input at a time.
+
+    ``perturb(image, mask, k)`` yields the perturbed inputs of channel k; the weight is the mean softmax
+    probability of the target over them; constant upsampled maps are skipped; map = minmax(ReLU(sum w U)).
+    """
+    captured: list[Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
+    with torch.no_grad():
+        logits = model(x)
+    handle.remove()
+    activation = captured[0]
+    target = logits.argmax(1) if target is None else target
+    batch, channels = activation.shape[:2]
+    size = x.shape[-2:]
+    weights = torch.zeros(batch, channels, dtype=torch.float64)
+    maps = []
+    for b in range(batch):
+        upsampled = []
+        for k in range(channels):
+            u = F.interpolate(activation[b : b + 1, k : k + 1], size=size, mode="bilinear", align_corners=False)
+            u = u[0, 0]
+            upsampled.append(u)
+            if u.max() == u.min():
+                continue
+            mask = (u - u.min()) / (u.max() - u.min())
+            probs = []
+            for inp in perturb(x[b], mask, k):
+                with torch.no_grad():
+                    probs.append(torch.softmax(model(inp[None]), dim=1)[0, target[b]])
+            weights[b, k] = sum(probs) / len(probs)
+        saliency = torch.relu(sum(weights[b, k] * upsampled[k] for k in range(channels)))
+        if saliency.max() > saliency.min():
+            saliency = (saliency - saliency.min()) / (saliency.max() - saliency.min())
+        else:
+            saliency = torch.zeros_like(saliency)
+        maps.append(saliency)
+    return weights, torch.stack(maps)
+
+
+def scorecam_inputs(image: Tensor, mask: Tensor, k: int) -> list[Tensor]:
+    return [image * mask]
+
+
+def iscam_inputs(schedule: str, n: int) -> Perturb:
+    def perturb(image: Tensor, mask: Tensor, k: int) -> list[Tensor]:
+        if schedule == "authors":  # the authors' cumulative mask, literally
+            running, out = torch.zeros_like(image), []
+            for i in range(1, n + 1):
+                running = running + image * mask * i / n
+                out.append(running)
+            return out
+        if schedule == "paper":  # eq. 6-7: M_0 = 0, score M_i, then M_{i+1} = M_i + X*A*i/N
+            running, out = torch.zeros_like(image), []
+            for i in range(1, n + 1):
+                out.append(running)
+                running = running + image * mask * i / n
+            return out
+        return [image * mask * i / n for i in range(1, n + 1)]
+
+    return perturb
+
+
+def sscam_inputs(n: int, sigma: float, seed: int, noise: str, masks_seen: dict[int, Tensor]) -> Perturb:
+    """Noise of channel k from its own seeded generator; a channel whose mask equals an earlier one's
+    uses that channel's noise (the documented dedup-independence rule)."""
+
+    def perturb(image: Tensor, mask: Tensor, k: int) -> list[Tensor]:
+        source = next((j for j, seen in sorted(masks_seen.items()) if j < k and torch.equal(seen, mask)), k)
+        masks_seen[k] = mask
+        generator = torch.Generator().manual_seed(sscam_noise_seed(seed, source))
+        draws = torch.randn((n, *image.shape), generator=generator, dtype=image.dtype)
+        masked = image * mask
+        if noise == "sigma":
+            std = sigma
+        else:
+            std = (sigma / (masked.max() - masked.min())) ** 2
+        return [masked + std * draws[i] for i in range(n)]
+
+    return perturb
+
+
+# ---------------------------------------------------------------------------- models
+@pytest.fixture(scope="module")
+def tiny64() -> nn.Module:
+    from conftest import TinyCNN
+
+    torch.manual_seed(0)
+    return TinyCNN().eval().double()
+
+
+@pytest.fixture(scope="module")
+def resnet64() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(weights=None, num_classes=10).eval().double()
+
+
+def tiny_input(batch: int = 2, size: int = 16) -> Tensor:
+    return torch.randn(batch, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+# ResNet-18 at 24x24: "layer1" gives 64 channels of 6x6 maps, small enough for a per-channel float64 loop.
+RESNET_LAYER, RESNET_SIZE = "layer1", 24
+
+
+# ---------------------------------------------------------------------------- against the reference loop
+@pytest.mark.parametrize("schedule", ["authors", "paper", "linear"])
+def test_iscam_matches_reference_loop_on_tiny_cnn(tiny64: nn.Module, schedule: str) -> None:
+    x = tiny_input()
+    with methods.ISCAM(tiny64, "features.4", N=10, schedule=schedule) as cam:
+        weights = cam.channel_weights(x)
+        maps = cam(x)
+    ref_weights, ref_maps = reference(tiny64, tiny64.features[4], x, iscam_inputs(schedule, 10))
+    assert weights.dtype == torch.float64
+    torch.testing.assert_close(weights, ref_weights, rtol=0, atol=1e-6)
+    torch.testing.assert_close(maps, ref_maps.float(), rtol=0, atol=1e-5)
+
+
+def test_scorecam_matches_reference_loop_on_tiny_cnn(tiny64: nn.Module) -> None:
+    x = tiny_input()
+    with methods.ScoreCAM(tiny64, "features.4") as cam:
+        weights, maps = cam.channel_weights(x), cam(x)
+    ref_weights, ref_maps = reference(tiny64, tiny64.features[4], x, scorecam_inputs)
+    torch.testing.assert_close(weights, ref_weights, rtol=0, atol=1e-6)
+    torch.testing.assert_close(maps, ref_maps.float(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("noise", ["sigma", "authors"])
+def test_sscam_matches_reference_loop_on_tiny_cnn(tiny64: nn.Module, noise: str) -> None:
+    x = tiny_input()
+    with methods.SSCAM(tiny64, "features.4", N=5, sigma=2.0, noise=noise, seed=3) as cam:
+        weights, maps = cam.channel_weights(x), cam(x)
+    ref_weights = torch.zeros_like(weights)
+    ref_maps = torch.zeros_like(maps)
+    for b in range(x.shape[0]):  # masks_seen is per image
+        w, m = reference(tiny64, tiny64.features[4], x[b : b + 1], sscam_inputs(5, 2.0, 3, noise, {}))
+        ref_weights[b], ref_maps[b] = w[0], m[0].float()
+    torch.testing.assert_close(weights, ref_weights, rtol=0, atol=1e-6)
+    torch.testing.assert_close(maps, ref_maps, rtol=0, atol=1e-5)
+
+
+def test_scorecam_and_iscam_match_reference_loop_on_resnet18(resnet64: nn.Module) -> None:
+    x = tiny_input(batch=1, size=RESNET_SIZE)
+    layer = resnet64.get_submodule(RESNET_LAYER)
+    with methods.ScoreCAM(resnet64, RESNET_LAYER) as cam:
+        weights, maps = cam.channel_weights(x), cam(x)
+    ref_weights, ref_maps = reference(resnet64, layer, x, scorecam_inputs)
+    assert (ref_weights > 0).sum() > 10  # the check is not vacuous
+    torch.testing.assert_close(weights, ref_weights, rtol=0, atol=1e-6)
+    torch.testing.assert_close(maps, ref_maps.float(), rtol=0, atol=1e-5)
+    for schedule in ("authors", "paper", "linear"):
+        with methods.ISCAM(resnet64, RESNET_LAYER, N=2, schedule=schedule) as cam:
+            weights, maps = cam.channel_weights(x), cam(x)
+        ref_weights, ref_maps = reference(resnet64, layer, x, iscam_inputs(schedule, 2))
+        torch.testing.assert_close(weights, ref_weights, rtol=0, atol=1e-6)
+        torch.testing.assert_close(maps, ref_maps.float(), rtol=0, atol=1e-5)
+
+
+def test_sscam_matches_reference_loop_on_resnet18(resnet64: nn.Module) -> None:
+    x = tiny_input(batch=1, size=RESNET_SIZE)
+    with methods.SSCAM(resnet64, RESNET_LAYER, N=2, sigma=0.5, seed=11) as cam:
+        weights, maps = cam.channel_weights(x), cam(x)
+    layer = resnet64.get_submodule(RESNET_LAYER)
+    ref_weights, ref_maps = reference(resnet64, layer, x, sscam_inputs(2, 0.5, 11, "sigma", {}))
+    torch.testing.assert_close(weights, ref_weights, rtol=0, atol=1e-6)
+    torch.testing.assert_close(maps, ref_maps.float(), rtol=0, atol=1e-5)
+
+
+def test_iscam_coefficients_by_hand() -> None:
+    assert iscam_coefficients(10, "authors") == pytest.approx([0.1, 0.3, 0.6, 1.0, 1.5, 2.1, 2.8, 3.6, 4.5, 5.5])
+    assert iscam_coefficients(10, "paper") == pytest.approx([0.0, 0.1, 0.3, 0.6, 1.0, 1.5, 2.1, 2.8, 3.6, 4.5])
+    assert iscam_coefficients(4, "linear") == pytest.approx([0.25, 0.5, 0.75, 1.0])
+
+
+def test_sscam_without_noise_is_scorecam(tiny64: nn.Module) -> None:
+    x = tiny_input()
+    with methods.SSCAM(tiny64, "features.4", N=3, sigma=0.0) as smooth, methods.ScoreCAM(tiny64, "features.4") as plain:
+        torch.testing.assert_close(smooth.channel_weights(x), plain.channel_weights(x), rtol=0, atol=1e-12)
+
+
+def test_iscam_with_one_linear_step_is_scorecam(tiny64: nn.Module) -> None:
+    x = tiny_input()
+    with methods.ISCAM(tiny64, "features.4", N=1, schedule="linear") as integrated:
+        with methods.ScoreCAM(tiny64, "features.4") as plain:
+            torch.testing.assert_close(integrated(x), plain(x), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- TorchCAM 0.5.0
+def torchcam_weights(extractor_cls: type, model: nn.Module, layer: str, x: Tensor, **kwargs: object) -> Tensor:
+    with extractor_cls(model, layer, input_shape=tuple(x.shape[1:]), **kwargs) as extractor:
+        with torch.no_grad():
+            logits = model(x)
+        return extractor._get_weights(logits.argmax(1).tolist(), logits)[0]
+
+
+@pytest.mark.parametrize("which", ["scorecam", "iscam"])
+def test_torchcam_protocol_equals_torchcam_weights(resnet64: nn.Module, which: str) -> None:
+    from torchcam.methods import ISCAM as TorchISCAM
+    from torchcam.methods import ScoreCAM as TorchScoreCAM
+
+    x = tiny_input(batch=2, size=RESNET_SIZE)
+    if which == "scorecam":
+        expected = torchcam_weights(TorchScoreCAM, resnet64, RESNET_LAYER, x, batch_size=32)
+        cam = methods.ScoreCAM(resnet64, RESNET_LAYER, protocol="torchcam", batch_size=50)
+    else:
+        expected = torchcam_weights(TorchISCAM, resnet64, RESNET_LAYER, x, batch_size=32, num_samples=3)
+        cam = methods.ISCAM(resnet64, RESNET_LAYER, N=3, protocol="torchcam", batch_size=50)
+    with cam:
+        weights = cam.channel_weights(x)
+        maps = cam(x)
+    torch.testing.assert_close(weights, expected, rtol=0, atol=1e-5)
+    assert weights.sum(1).sub(1).abs().max() < 1e-9  # a softmax across channels
+    assert maps.shape == (2, RESNET_SIZE, RESNET_SIZE) and maps.min() >= 0 and maps.max() <= 1
+
+
+def test_torchcam_protocol_map_is_torchcams_map_upsampled(tiny64: nn.Module) -> None:
+    from torchcam.methods import ScoreCAM as TorchScoreCAM
+
+    x = tiny_input()
+    with TorchScoreCAM(tiny64, "features.4", input_shape=(3, 16, 16)) as extractor:
+        with torch.no_grad():
+            logits = tiny64(x)
+        expected = extractor(logits.argmax(1).tolist(), logits)[0]
+    expected = F.interpolate(expected[:, None], size=(16, 16), mode="bilinear", align_corners=False)[:, 0]
+    with methods.ScoreCAM(tiny64, "features.4", protocol="torchcam") as cam:
+        torch.testing.assert_close(cam(x), expected.float(), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- batching and chunking
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: methods.ScoreCAM(m, "features.4"),
+        lambda m: methods.ISCAM(m, "features.4", N=4),
+        lambda m: methods.SSCAM(m, "features.4", N=4, seed=5),
+        lambda m: methods.SSCAM(m, "features.4", N=4, noise="authors", protocol="torchcam"),
+    ],
+    ids=["scorecam", "iscam", "sscam", "sscam-torchcam"],
+)
+def test_batched_equals_single_and_chunk_sizes_agree(tiny_cnn: nn.Module, make: Callable) -> None:
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    target = torch.tensor([0, 4, 2])
+    with make(tiny_cnn) as cam:
+        batched = cam(x, target)
+        weights = cam.channel_weights(x, target)
+        singles = torch.cat([cam(x[i : i + 1], int(target[i])) for i in range(3)])
+        torch.testing.assert_close(batched, singles, rtol=0, atol=1e-5)
+        for size in (1, 3, 7, 1000):
+            cam.batch_size = size
+            torch.testing.assert_close(cam.channel_weights(x, target), weights, rtol=0, atol=1e-6)
+            torch.testing.assert_close(cam(x, target), batched, rtol=0, atol=1e-5)
+
+
+def test_sscam_is_repeatable_and_seed_dependent(tiny_cnn: nn.Module) -> None:
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with methods.SSCAM(tiny_cnn, "features.4", N=3, seed=1) as first, methods.SSCAM(
+        tiny_cnn, "features.4", N=3, seed=1
+    ) as again, methods.SSCAM(tiny_cnn, "features.4", N=3, seed=2) as other:
+        a, b, c = first.channel_weights(x), again.channel_weights(x), other.channel_weights(x)
+        assert torch.equal(a, b)
+        assert torch.equal(first.channel_weights(x), a)  # calls do not consume randomness
+        assert not torch.equal(a, c)
+
+
+def test_forward_count_counts_clean_and_masked_images(tiny_cnn: nn.Module) -> None:
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with methods.ISCAM(tiny_cnn, "features.4", N=4) as cam:
+        cam(x)
+        stats = dict(cam.last_stats)
+        scored = stats["channels"] - stats["skipped_constant"] - stats["deduplicated"]
+        assert stats["channels"] == 2 * 6
+        assert stats["forwards"] == 2 + 4 * scored
+        assert cam.forward_count == stats["forwards"]
+        cam(x[:1])
+        assert cam.forward_count == stats["forwards"] + cam.last_stats["forwards"]
+
+
+# ---------------------------------------------------------------------------- skipping and deduplication
+class Redundant(nn.Module):
+    """TinyCNN whose target layer ("mix") repeats channels 0 and 1, and adds an all-zero and a constant one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from conftest import TinyCNN
+
+        torch.manual_seed(0)
+        self.body = TinyCNN().features
+        self.mix = nn.Identity()
+        self.head = nn.Linear(10, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.body(x)
+        a = torch.cat([a, a[:, :2], torch.zeros_like(a[:, :1]), torch.full_like(a[:, :1], 3.0)], dim=1)
+        return self.head(self.mix(a).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m, d: methods.ScoreCAM(m, "mix", dedup=d),
+        lambda m, d: methods.ISCAM(m, "mix", N=3, dedup=d),
+        lambda m, d: methods.SSCAM(m, "mix", N=3, seed=4, dedup=d),
+        lambda m, d: methods.ISCAM(m, "mix", N=3, dedup=d, protocol="torchcam"),
+    ],
+    ids=["scorecam", "iscam", "sscam", "iscam-torchcam"],
+)
+def test_dedup_and_skipping_change_cost_not_results(make: Callable) -> None:
+    model = Redundant().eval().double()
+    x = tiny_input(batch=2)
+    with make(model, True) as fast, make(model, False) as slow:
+        torch.testing.assert_close(fast.channel_weights(x), slow.channel_weights(x), rtol=0, atol=1e-12)
+        torch.testing.assert_close(fast(x), slow(x), rtol=0, atol=0)
+        assert fast.forward_count < slow.forward_count
+        assert fast.last_stats["deduplicated"] >= 2 * 2  # the two repeated channels of both images
+        weights = fast.channel_weights(x)
+        if fast.protocol == "authors":
+            assert fast.last_stats["skipped_constant"] == 2 * 2
+            assert torch.all(weights[:, 8:] == 0)
+        else:  # TorchCAM scores constant channels (as an all-zero mask); they share one forward
+            assert fast.last_stats["skipped_constant"] == 0
+            torch.testing.assert_close(weights[:, 8], weights[:, 9], rtol=0, atol=0)
+        torch.testing.assert_close(weights[:, 6:8], weights[:, 0:2], rtol=0, atol=0)
+
+
+def test_all_constant_activation_gives_an_all_zero_map() -> None:
+    class Dead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(self.features(x).mean(dim=(2, 3)))
+
+    model = Dead().eval()
+    with torch.no_grad():
+        model.features[0].weight.zero_()
+        model.features[0].bias.fill_(-1.0)  # ReLU(-1) = 0 everywhere
+    x = torch.randn(2, 3, 8, 8)
+    for cam in (methods.ScoreCAM(model, "features"), methods.ISCAM(model, "features", N=2)):
+        with cam:
+            saliency = cam(x)
+            assert torch.equal(saliency, torch.zeros(2, 8, 8))
+            assert cam.last_stats["skipped_constant"] == 8 and cam.last_stats["forwards"] == 2
