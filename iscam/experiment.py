@@ -69,6 +69,9 @@ __all__ = [
     "apply_overrides",
     "parse_override",
     "image_seed",
+    "method_key",
+    "resolved_params",
+    "select_indices",
     "default_output",
     "RunSummary",
     "run",
@@ -194,10 +197,7 @@ class ExperimentConfig:
     def method_key(self, spec: MethodSpec) -> str:
         """The ``params_key`` of ``spec``'s rows: :func:`resolved_params` (the method's defaults filled
         in, so ``{}`` and ``{"N": 10}`` are the same rows) plus, for stochastic methods, the config seed."""
-        params = resolved_params(spec.name, spec.params)
-        if spec.name in STOCHASTIC_METHODS:
-            params["seed"] = self.seed
-        return params_key(params)
+        return method_key(spec.name, spec.params, seed=self.seed)
 
     def replace(self, **changes: Any) -> ExperimentConfig:
         """A copy with some top-level fields changed and validated again (e.g. ``methods=[...]``)."""
@@ -668,6 +668,15 @@ def resolved_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
                 if k not in _EXECUTION_PARAMS and p.default is not inspect.Parameter.empty}
     resolved.update((k, v) for k, v in params.items() if k not in _EXECUTION_PARAMS)
     return resolved
+
+
+def method_key(name: str, params: Mapping[str, Any], *, seed: int = 0) -> str:
+    """The ``params_key`` column of the rows of method ``name`` run with ``params`` (and, for the stochastic
+    methods, the config ``seed``): :func:`resolved_params` as canonical JSON."""
+    resolved = resolved_params(name, params)
+    if name in STOCHASTIC_METHODS:
+        resolved["seed"] = seed
+    return params_key(resolved)
 
 
 class _Method:

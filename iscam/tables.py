@@ -126,14 +126,16 @@ def _method_rank(method: str) -> tuple[int, str]:
 
 
 def select(frame: pd.DataFrame, config: Any = None, *, methods: Iterable[tuple[str, Mapping[str, Any]]] | None = None,
-           metrics_key: str | None = None) -> pd.DataFrame:
+           metrics_key: str | None = None, seed: int | None = None) -> pd.DataFrame:
     """Rows of ``frame`` that belong to one run description.
 
     ``config``: an :class:`iscam.experiment.ExperimentConfig`, its ``to_dict()`` (e.g. ``run.json``'s
     ``"config"``), or None. Keeps the config's model, its (method, params) pairs and its metric parameters.
-    ``methods`` / ``metrics_key`` select explicitly instead (``methods=[("iscam", {"N": 15})]``).
+    ``methods`` / ``metrics_key`` select explicitly instead (``methods=[("iscam", {"N": 15})]``; the
+    method's defaults are filled in as in the store, see :func:`iscam.experiment.method_key`, and ``seed``
+    -- default: the config's, else 0 -- picks the stochastic methods' rows).
     """
-    from .store import params_key
+    from .experiment import method_key
 
     if config is not None:
         from .experiment import ExperimentConfig, config_from_dict
@@ -144,10 +146,12 @@ def select(frame: pd.DataFrame, config: Any = None, *, methods: Iterable[tuple[s
             methods = [(m.name, m.params) for m in parsed.methods]
         if metrics_key is None:
             metrics_key = parsed.metrics.key
+        if seed is None:
+            seed = parsed.seed
     if methods is not None:
-        wanted = {(name, params_key(params)) for name, params in methods}
+        wanted = {(name, method_key(name, params, seed=seed or 0)) for name, params in methods}
         pairs = list(zip(frame["method"], frame["params_key"]))
-        frame = frame[[pair in wanted for pair in pairs]]
+        frame = frame.loc[np.array([pair in wanted for pair in pairs], dtype=bool)]
     if metrics_key is not None:
         frame = frame[frame["metrics_key"] == metrics_key]
     return frame.reset_index(drop=True)
