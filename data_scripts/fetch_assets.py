@@ -70,14 +70,26 @@ def download(url: str, target: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", type=Path, default=os.environ.get("ISCAM_DATA"),
-                        help="destination folder (default: $ISCAM_DATA)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=os.environ.get("ISCAM_DATA"),
+        help="destination folder (default: $ISCAM_DATA)",
+    )
     parser.add_argument("--source", type=Path, help="folder with the assets in the same layout, to copy from")
     parser.add_argument("--link", action="store_true", help="symlink from --source instead of copying")
-    parser.add_argument("--download", action="store_true", help="download missing model files from --url-base")
-    parser.add_argument("--url-base", default=DEFAULT_URL_BASE, help="base URL of the model files (%(default)s)")
-    parser.add_argument("--hashes", type=Path, default=DEFAULT_HASHES, help="CSV path,sha256,bytes (%(default)s)")
+    parser.add_argument(
+        "--download", action="store_true", help="download missing model files from --url-base"
+    )
+    parser.add_argument(
+        "--url-base", default=DEFAULT_URL_BASE, help="base URL of the model files (%(default)s)"
+    )
+    parser.add_argument(
+        "--hashes", type=Path, default=DEFAULT_HASHES, help="CSV path,sha256,bytes (%(default)s)"
+    )
     args = parser.parse_args(argv)
     if args.data_root is None:
         parser.error("no data root: pass --data-root DIR or set ISCAM_DATA")
@@ -101,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copy2(origin, target)
             copied += 1
         elif args.download and rel.startswith(DOWNLOADABLE_PREFIX):
-            url = args.url_base.rstrip("/") + "/" + rel[len(DOWNLOADABLE_PREFIX):]
+            url = args.url_base.rstrip("/") + "/" + rel[len(DOWNLOADABLE_PREFIX) :]
             print(f"downloading {url}")
             try:
                 download(url, target)
@@ -116,12 +128,17 @@ def main(argv: list[str] | None = None) -> int:
             missing.append(rel)
         elif target.stat().st_size != size or sha256(target) != digest:
             wrong.append(rel)
-    print(f"{root}: {len(entries)} files listed, {copied} copied/linked, {downloaded} downloaded, "
-          f"{len(entries) - len(missing) - len(wrong)} verified, {len(missing)} missing, {len(wrong)} with a wrong hash")
+    print(
+        f"{root}: {len(entries)} files listed, {copied} copied/linked, {downloaded} downloaded, "
+        f"{len(entries) - len(missing) - len(wrong)} verified, {len(missing)} missing, "
+        f"{len(wrong)} with a wrong hash"
+    )
     for rel in missing:
         print(f"  missing: {rel}", file=sys.stderr)
     for rel in wrong:
-        print(f"  WRONG SHA-256 (corrupt or different file; delete it and fetch again): {rel}", file=sys.stderr)
+        print(
+            f"  WRONG SHA-256 (corrupt or different file; delete it and fetch again): {rel}", file=sys.stderr
+        )
     return 0 if not missing and not wrong else 1
 
 

@@ -27,8 +27,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from iscam.data import IMAGENET_VAL_BOXES, IMAGENET_VAL_IMAGES, MANIFEST_COLUMNS, ImageNetValDataset, Preprocess
-from iscam.data import format_boxes
+from iscam.data import (
+    IMAGENET_VAL_BOXES,
+    IMAGENET_VAL_IMAGES,
+    MANIFEST_COLUMNS,
+    ImageNetValDataset,
+    Preprocess,
+    format_boxes,
+)
 
 
 def read_file_list(path: Path) -> list[str]:
@@ -43,9 +49,15 @@ def read_file_list(path: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", type=Path, default=os.environ.get("ISCAM_DATA"),
-                        help="folder holding the official layout (default: $ISCAM_DATA)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=os.environ.get("ISCAM_DATA"),
+        help="folder holding the official layout (default: $ISCAM_DATA)",
+    )
     parser.add_argument("--images", type=Path, help=f"image folder (default: <root>/{IMAGENET_VAL_IMAGES})")
     parser.add_argument("--boxes", type=Path, help=f"XML folder (default: <root>/{IMAGENET_VAL_BOXES})")
     parser.add_argument("--files", type=Path, help="CSV with a 'file' column restricting the images")

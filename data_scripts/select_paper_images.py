@@ -67,13 +67,21 @@ def labels_from_xml(boxes: Path, files: list[str]) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="CSV to write (%(default)s)")
     parser.add_argument("--count", type=int, default=COUNT, help="images to select (%(default)s)")
     parser.add_argument("--seed", type=int, default=SEED, help="numpy default_rng seed (%(default)s)")
-    parser.add_argument("--data-root", type=Path, default=None,
-                        help="data root with ILSVRC2012_bbox_val_v3/val/*.xml, to add labels (default: none)")
-    parser.add_argument("--labels", type=Path, help="ground-truth file '<file> <label>' per line, to add labels")
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="data root with ILSVRC2012_bbox_val_v3/val/*.xml, to add labels (default: none)",
+    )
+    parser.add_argument(
+        "--labels", type=Path, help="ground-truth file '<file> <label>' per line, to add labels"
+    )
     parser.add_argument("--check", action="store_true", help="compare with --out instead of writing it")
     args = parser.parse_args(argv)
 
@@ -101,14 +109,19 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, newline="") as handle:
             committed = [{"rank": r["rank"], "file": r["file"]} for r in csv.DictReader(handle)]
         same = committed == [{"rank": r["rank"], "file": r["file"]} for r in rows]
-        print(f"{args.out}: {'matches' if same else 'DIFFERS FROM'} the selection (seed {args.seed}, {args.count} images)")
+        print(
+            f"{args.out}: {'matches' if same else 'DIFFERS FROM'} the selection "
+            f"(seed {args.seed}, {args.count} images)"
+        )
         return 0 if same else 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {len(rows)} images to {args.out}" + (" with labels" if labels is not None else " (no labels)"))
+    print(
+        f"wrote {len(rows)} images to {args.out}" + (" with labels" if labels is not None else " (no labels)")
+    )
     return 0
 
 

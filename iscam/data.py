@@ -2,8 +2,8 @@
 
 Two sources: a manifest CSV (``file,label,width,height,boxes``, as in the shared assets'
 ``imagenet-val-sample/manifest.csv``) and the official layout (``ILSVRC2012_val_*.JPEG`` + the per-image XML
-files of ``ILSVRC2012_bbox_val_v3``). Both yield :class:`Sample` s: the normalised tensor, the torchvision class
-index, the boxes mapped into the network's input frame, and the file name.
+files of ``ILSVRC2012_bbox_val_v3``). Both yield :class:`Sample` s: the normalised tensor, the torchvision
+class index, the boxes mapped into the network's input frame, and the file name.
 
 **Box convention.** Boxes are ``(x0, y0, x1, y1)`` in continuous pixel coordinates, ``x`` along columns: pixel
 ``(row j, column i)`` is the unit square ``[i, i+1) x [j, j+1)`` with centre ``(i + 0.5, j + 0.5)``, and a box
@@ -41,23 +41,23 @@ from iscam import config
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "MANIFEST_COLUMNS",
-    "IMAGENET_VAL_IMAGES",
     "IMAGENET_VAL_BOXES",
-    "UnreadableImageError",
-    "Preprocess",
-    "Sample",
+    "IMAGENET_VAL_IMAGES",
+    "MANIFEST_COLUMNS",
     "Batch",
     "BoxAnnotation",
-    "ManifestDataset",
     "ImageNetValDataset",
+    "ManifestDataset",
+    "Preprocess",
+    "Sample",
+    "UnreadableImageError",
+    "format_boxes",
     "imagenet_wnids",
+    "iter_batches",
     "load_image",
     "parse_boxes",
-    "format_boxes",
     "read_bbox_xml",
     "sample_manifest",
-    "iter_batches",
 ]
 
 log = logging.getLogger("iscam.data")
@@ -89,10 +89,10 @@ class _Geometry:
 class Preprocess:
     """Resize, crop, scale to [0, 1] and normalise a PIL image; map boxes the same way.
 
-    ``resize="crop"`` (default, the authors' code): ``Resize(size)`` -- the shorter side to ``size``, the longer
-    to ``int(size * long / short)`` as torchvision computes it -- then ``CenterCrop(size)`` with torchvision's
-    offsets ``int(round((n - size) / 2))``. ``resize="stretch"`` (the paper's text): a plain ``size x size``
-    resize. Resampling is torchvision's ``Resize`` on a PIL image: bilinear with antialiasing (PIL's filter),
+    ``resize="crop"`` (default, the authors' code): ``Resize(size)`` -- the shorter side to ``size``, the
+    longer to ``int(size * long / short)`` as torchvision computes it -- then ``CenterCrop(size)`` with
+    torchvision's offsets ``int(round((n - size) / 2))``. ``resize="stretch"`` (the paper's text): a plain
+    ``size x size`` resize. Resampling is torchvision's ``Resize`` on a PIL image: bilinear with antialiasing (PIL's filter),
     so the uint8 image from :meth:`resize_image` is exactly what ``transforms.Resize`` + ``CenterCrop`` give.
     """
 
@@ -104,7 +104,9 @@ class Preprocess:
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         if resize not in ("crop", "stretch"):
-            raise ValueError(f"resize must be 'crop' (Resize + CenterCrop) or 'stretch' (plain resize), got {resize!r}")
+            raise ValueError(
+                f"resize must be 'crop' (Resize + CenterCrop) or 'stretch' (plain resize), got {resize!r}"
+            )
         if int(size) != size or size < 1:
             raise ValueError(f"size must be a positive integer, got {size!r}")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
@@ -126,13 +128,15 @@ class Preprocess:
         short, long = min(width, height), max(width, height)
         new_long = int(self.size * long / short)  # torchvision's _compute_resized_output_size
         new_w, new_h = (self.size, new_long) if width <= height else (new_long, self.size)
-        return _Geometry(new_w, new_h, int(round((new_w - self.size) / 2.0)), int(round((new_h - self.size) / 2.0)))
+        return _Geometry(new_w, new_h, round((new_w - self.size) / 2.0), round((new_h - self.size) / 2.0))
 
     def resize_image(self, image: Image.Image) -> torch.Tensor:
-        """The resized (and cropped) RGB image as uint8 ``[3, size, size]`` -- what a uint8 model would be fed."""
+        """The resized (and cropped) RGB image as uint8 ``[3, size, size]``: what a uint8 model is fed."""
         image = _to_rgb(image)
         geo = self.geometry(*image.size)
-        image = TF.resize(image, [geo.resized_height, geo.resized_width], InterpolationMode.BILINEAR, antialias=True)
+        image = TF.resize(
+            image, [geo.resized_height, geo.resized_width], InterpolationMode.BILINEAR, antialias=True
+        )
         if self.resize == "crop":
             image = TF.crop(image, geo.top, geo.left, self.size, self.size)
         return TF.pil_to_tensor(image)
@@ -226,15 +230,17 @@ def parse_boxes(text: str) -> torch.Tensor:
 
 def format_boxes(boxes: torch.Tensor | Sequence[Sequence[float]]) -> str:
     """Inverse of :func:`parse_boxes` (shortest exact decimal of each float)."""
-    return ";".join(" ".join(f"{float(v):g}" for v in box) for box in torch.as_tensor(boxes).reshape(-1, 4).tolist())
+    return ";".join(
+        " ".join(f"{float(v):g}" for v in box) for box in torch.as_tensor(boxes).reshape(-1, 4).tolist()
+    )
 
 
 class ManifestDataset:
     """Images listed in a manifest CSV with columns ``file,label,width,height,boxes``.
 
     ``boxes`` are in the pixel frame of a ``width x height`` image (see the module docstring); if the file on
-    disk has another size, the boxes are rescaled to it first. ``image_dir`` defaults to the manifest's folder;
-    ``limit`` keeps the first rows only.
+    disk has another size, the boxes are rescaled to it first. ``image_dir`` defaults to the manifest's
+    folder; ``limit`` keeps the first rows only.
     """
 
     def __init__(
@@ -250,7 +256,9 @@ class ManifestDataset:
             raise FileNotFoundError(f"manifest not found: {self.manifest}")
         self.image_dir = Path(image_dir) if image_dir is not None else self.manifest.parent
         if not self.image_dir.is_dir():
-            raise FileNotFoundError(f"image folder {self.image_dir} (for manifest {self.manifest}) does not exist")
+            raise FileNotFoundError(
+                f"image folder {self.image_dir} (for manifest {self.manifest}) does not exist"
+            )
         self.preprocess = preprocess
         with open(self.manifest, newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
@@ -371,7 +379,8 @@ class ImageNetValDataset:
             absent = [f for f in self.files if not (self.image_dir / f).is_file()]
             if absent:
                 raise FileNotFoundError(
-                    f"{len(absent)} of {len(self.files)} listed images missing in {self.image_dir}, e.g. {absent[:3]}"
+                    f"{len(absent)} of {len(self.files)} listed images missing in {self.image_dir}, "
+                    f"e.g. {absent[:3]}"
                 )
         missing = [f for f in self.files if not self._xml(f).is_file()]
         if missing:
@@ -388,7 +397,9 @@ class ImageNetValDataset:
         """``(label, annotation)`` of one image, without reading the image."""
         ann = read_bbox_xml(self._xml(self.files[index]))
         if ann.wnid not in self._index:
-            raise ValueError(f"{self._xml(self.files[index])}: {ann.wnid!r} is not one of the 1000 ILSVRC2012 classes")
+            raise ValueError(
+                f"{self._xml(self.files[index])}: {ann.wnid!r} is not one of the 1000 ILSVRC2012 classes"
+            )
         return self._index[ann.wnid], ann
 
     def __len__(self) -> int:
@@ -404,14 +415,17 @@ class ImageNetValDataset:
         return Sample(self.preprocess(image), label, boxes, self.files[index])
 
 
-def sample_manifest(data_root: str | os.PathLike[str] | None = None, name: str = "imagenet-val-sample") -> Path:
+def sample_manifest(
+    data_root: str | os.PathLike[str] | None = None, name: str = "imagenet-val-sample"
+) -> Path:
     """Path of ``<data root>/<name>/manifest.csv``, with an error saying what the data root should hold."""
     root = config.data_root(data_root)
     path = root / name / "manifest.csv"
     if not path.is_file():
         present = sorted(p.name for p in root.iterdir() if p.is_dir())
         raise FileNotFoundError(
-            f"no {name}/manifest.csv under the data root {root} (it holds: {present}); the data root must be the "
+            f"no {name}/manifest.csv under the data root {root} (it holds: {present}); the data root must be "
+            "the "
             "folder with models/ and imagenet-val-sample/ (see data_scripts/fetch_assets.py)"
         )
     return path
@@ -420,8 +434,8 @@ def sample_manifest(data_root: str | os.PathLike[str] | None = None, name: str =
 def iter_batches(dataset: _Dataset, batch_size: int, indices: Sequence[int] | None = None) -> Iterator[Batch]:
     """Yield batches of ``batch_size`` samples (the last may be smaller) in ``indices`` order.
 
-    An unreadable image is logged by name (warning on ``iscam.data``) and skipped; the batch is filled from the
-    following images, and :attr:`Batch.indices` says which dataset items each batch holds.
+    An unreadable image is logged by name (warning on ``iscam.data``) and skipped; the batch is filled from
+    the following images, and :attr:`Batch.indices` says which dataset items each batch holds.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -3,15 +3,15 @@
 ``load(name)`` returns a :class:`LoadedModel`: the model in eval mode, its :class:`~iscam.data.Preprocess`,
 its default Grad-CAM target layer and the 1000 ImageNet class names in torchvision order.
 
-=========================  =====  ==================  ===============================================
-name                       input  default target      weights
-=========================  =====  ==================  ===============================================
-vgg16                      224    features.29         torchvision ``VGG16_Weights.IMAGENET1K_V1``
-resnet18                   224    layer4              torchvision ``ResNet18_Weights.IMAGENET1K_V1``
-squeezenet1_0              224    features.12         torchvision ``SqueezeNet1_0_Weights.IMAGENET1K_V1``
-mobilenet_v2_coral         224    features.18         ``<data root>/models/mobilenet_v2_1.0_224_quant.tflite``
-mobilenet_v1_coral_tiny    128    features.13         ``<data root>/models/mobilenet_v1_0.25_128_quant.tflite``
-=========================  =====  ==================  ===============================================
+=========================  =====  ==============  ===================================================
+name                       input  default target  weights (``"default"``)
+=========================  =====  ==============  ===================================================
+vgg16                      224    features.29     torchvision ``VGG16_Weights.IMAGENET1K_V1``
+resnet18                   224    layer4          torchvision ``ResNet18_Weights.IMAGENET1K_V1``
+squeezenet1_0              224    features.12     torchvision ``SqueezeNet1_0_Weights.IMAGENET1K_V1``
+mobilenet_v2_coral         224    features.18     data root ``models/mobilenet_v2_1.0_224_quant.tflite``
+mobilenet_v1_coral_tiny    128    features.13     data root ``models/mobilenet_v1_0.25_128_quant.tflite``
+=========================  =====  ==============  ===================================================
 
 torchvision weights are downloaded to the torch hub cache on first use (the paper-era ``IMAGENET1K_V1``, which
 is also torchvision's ``DEFAULT`` for these three). The Coral models are converted once by
@@ -38,9 +38,9 @@ from iscam.layers import DEFAULT_TARGET_LAYERS, resolve_layer
 from iscam.tflite import load_tflite
 
 __all__ = [
+    "CORAL_MODELS",
     "MODEL_NAMES",
     "PAPER_MODELS",
-    "CORAL_MODELS",
     "CoralModel",
     "LoadedModel",
     "imagenet_categories",
@@ -61,10 +61,14 @@ class CoralModel:
 
 CORAL_MODELS: dict[str, CoralModel] = {
     "mobilenet_v2_coral": CoralModel(
-        "mobilenet_v2_1.0_224_quant.tflite", "7aad0c74c5e3c06e5eb3c827e13304fdd68a83da6087d92ee169c24ff9fd4776", 224
+        "mobilenet_v2_1.0_224_quant.tflite",
+        "7aad0c74c5e3c06e5eb3c827e13304fdd68a83da6087d92ee169c24ff9fd4776",
+        224,
     ),
     "mobilenet_v1_coral_tiny": CoralModel(
-        "mobilenet_v1_0.25_128_quant.tflite", "cb273c23ee76374b05b9583177e28aa19744858a7679c56a250e83d0333da785", 128
+        "mobilenet_v1_0.25_128_quant.tflite",
+        "cb273c23ee76374b05b9583177e28aa19744858a7679c56a250e83d0333da785",
+        128,
     ),
 }
 
@@ -88,14 +92,16 @@ def _state_dict_from(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state_dict (got {type(state).__name__})")
+        raise TypeError(f"{path} does not hold a state_dict (got {type(state).__name__})")
     return state
 
 
 def _weights_path(weights: Any) -> Path:
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path} (weights= takes 'default', None or a file path)")
+        raise FileNotFoundError(
+            f"weights file not found: {path} (weights= takes 'default', None or a file path)"
+        )
     return path
 
 

@@ -11,7 +11,7 @@ bindings and rebuilds the network in float32:
   padding, which puts the odd pixel at the bottom/right (on a stride-2 3x3 conv over an even input: 0 before,
   1 after) -- :class:`TFSamePad2d` computes it from the actual input size, so any input size works;
 - ADD of a block's output and its input -> a residual connection; AVERAGE_POOL_2D over the whole map ->
-  global average pooling; the final 1x1 CONV_2D or FULLY_CONNECTED -> ``classifier`` (:class:`torch.nn.Linear`);
+  global average pooling; the final 1x1 CONV_2D or FULLY_CONNECTED -> ``classifier`` (a Linear layer);
   RESHAPE/SQUEEZE are no-ops after pooling; the trailing SOFTMAX is dropped, so the model returns logits;
 - the TF-slim background class (output 0 of 1001) is dropped, leaving torchvision's 1000 classes;
 - the input quantisation ``real = scale * (q - zero_point)`` becomes a torchvision-style normalisation of a
@@ -48,15 +48,15 @@ from iscam.config import cache_dir
 
 __all__ = [
     "CONVERTER_VERSION",
-    "TFLiteConversionError",
-    "TFSamePad2d",
-    "ConvAct",
     "Block",
+    "ConvAct",
+    "TFLiteConversionError",
     "TFLiteNet",
-    "sha256_file",
-    "convert_tflite",
+    "TFSamePad2d",
     "build_from_spec",
+    "convert_tflite",
     "load_tflite",
+    "sha256_file",
 ]
 
 log = logging.getLogger("iscam.tflite")
@@ -81,10 +81,12 @@ class TFSamePad2d(nn.Module):
     """Zero padding equal to TensorFlow's ``SAME``: output size ``ceil(in / stride)``, extra pixel after.
 
     ``total = max((ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)``; ``total // 2`` goes before (top/left) and
-    the rest after (bottom/right), whereas PyTorch's symmetric ``padding=1`` would shift every stride-2 output.
+    the rest after (bottom/right); PyTorch's symmetric ``padding=1`` would shift every stride-2 output.
     """
 
-    def __init__(self, kernel_size: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int] = (1, 1)):
+    def __init__(
+        self, kernel_size: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int] = (1, 1)
+    ):
         super().__init__()
         self.kernel_size = tuple(kernel_size)
         self.stride = tuple(stride)
@@ -96,7 +98,7 @@ class TFSamePad2d(nn.Module):
         return max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
 
     def padding_for(self, height: int, width: int) -> tuple[int, int, int, int]:
-        """``(left, right, top, bottom)`` for an input of this size, in :func:`torch.nn.functional.pad` order."""
+        """``(left, right, top, bottom)`` for this input size, in :func:`~torch.nn.functional.pad` order."""
         ph = self.total_padding(height, self.kernel_size[0], self.stride[0], self.dilation[0])
         pw = self.total_padding(width, self.kernel_size[1], self.stride[1], self.dilation[1])
         return pw // 2, pw - pw // 2, ph // 2, ph - ph // 2
@@ -132,7 +134,13 @@ class ConvAct(nn.Module):
         kernel, stride, dilation = tuple(spec["kernel"]), tuple(spec["stride"]), tuple(spec["dilation"])
         self.pad = TFSamePad2d(kernel, stride, dilation) if spec["padding"] == "same" else nn.Identity()
         self.conv = nn.Conv2d(
-            spec["in"], spec["out"], kernel, stride=stride, dilation=dilation, groups=spec["groups"], bias=True
+            spec["in"],
+            spec["out"],
+            kernel,
+            stride=stride,
+            dilation=dilation,
+            groups=spec["groups"],
+            bias=True,
         )
         self.act = _activation(spec["activation"])
 
@@ -212,7 +220,9 @@ class _Tensor:
         if self.scale is None or self.scale.size == 0:
             raise TFLiteConversionError(f"quantised tensor {self.name!r} has no scale")
         scale = self.scale.astype(np.float64)
-        zero = np.zeros_like(scale) if self.zero_point is None or self.zero_point.size == 0 else self.zero_point
+        zero = (
+            np.zeros_like(scale) if self.zero_point is None or self.zero_point.size == 0 else self.zero_point
+        )
         if scale.size > 1:  # per-channel quantisation along quantized_dimension
             shape = [1] * values.ndim
             shape[self.quantized_dimension] = scale.size
@@ -264,7 +274,8 @@ def _read_options(op: Any, kind: str) -> dict[str, Any]:
 def _parse(buffer: bytes, source: str) -> tuple[list[_Tensor], list[_Op], int, int]:
     if len(buffer) < 8 or buffer[4:8] != b"TFL3":
         raise TFLiteConversionError(
-            f"{source} is not a TFLite model (no 'TFL3' flatbuffer identifier): the file is corrupt or truncated"
+            f"{source} is not a TFLite model (no 'TFL3' flatbuffer identifier): the file is corrupt or "
+            "truncated"
         )
     import tflite
 
@@ -302,15 +313,25 @@ def _parse(buffer: bytes, source: str) -> tuple[list[_Tensor], list[_Op], int, i
             op = graph.Operators(i)
             code = model.OperatorCodes(op.OpcodeIndex())
             kind = names.get(max(code.BuiltinCode(), code.DeprecatedBuiltinCode()), f"CUSTOM({i})")
-            ops.append(_Op(kind, [int(j) for j in op.InputsAsNumpy()], [int(j) for j in op.OutputsAsNumpy()],
-                           _read_options(op, kind)))
+            ops.append(
+                _Op(
+                    kind,
+                    [int(j) for j in op.InputsAsNumpy()],
+                    [int(j) for j in op.OutputsAsNumpy()],
+                    _read_options(op, kind),
+                )
+            )
         inputs, outputs = graph.InputsAsNumpy(), graph.OutputsAsNumpy()
     except TFLiteConversionError:
         raise
     except Exception as exc:  # flatbuffer accessors fail in many ways on damaged files
-        raise TFLiteConversionError(f"{source} could not be parsed as a TFLite model ({exc!r}): corrupt file?") from exc
+        raise TFLiteConversionError(
+            f"{source} could not be parsed as a TFLite model ({exc!r}): corrupt file?"
+        ) from exc
     if len(inputs) != 1 or len(outputs) != 1:
-        raise TFLiteConversionError(f"{source}: expected one input and one output, got {len(inputs)}, {len(outputs)}")
+        raise TFLiteConversionError(
+            f"{source}: expected one input and one output, got {len(inputs)}, {len(outputs)}"
+        )
     return tensors, ops, int(inputs[0]), int(outputs[0])
 
 
@@ -321,7 +342,8 @@ def _parse(buffer: bytes, source: str) -> tuple[list[_Tensor], list[_Op], int, i
 def _input_normalisation(t: _Tensor, source: str) -> tuple[list[float], list[float]]:
     if t.dtype not in (np.uint8, np.int8) or t.scale is None or t.scale.size != 1:
         raise TFLiteConversionError(
-            f"{source}: the input must be a per-tensor quantised uint8/int8 image, got {t.dtype} (float-input "
+            f"{source}: the input must be a per-tensor quantised uint8/int8 image, got {t.dtype} "
+            "(float-input "
             "models carry no normalisation to recover)"
         )
     scale = float(t.scale[0])
@@ -331,13 +353,17 @@ def _input_normalisation(t: _Tensor, source: str) -> tuple[list[float], list[flo
     return [zero / 255.0] * 3, [1.0 / (255.0 * scale)] * 3
 
 
-def _conv_layer(op: _Op, tensors: list[_Tensor], source: str) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    x, w, b = (tensors[i] for i in op.inputs[:3])
+def _conv_layer(
+    op: _Op, tensors: list[_Tensor], source: str
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    x, w = tensors[op.inputs[0]], tensors[op.inputs[1]]
     weight = w.dequantize()
     if op.kind == "CONV_2D":
         out_ch, kh, kw, in_ch = weight.shape
         if x.shape[-1] != in_ch:
-            raise TFLiteConversionError(f"{source}: grouped CONV_2D ({x.shape[-1]} -> {in_ch}) is unsupported")
+            raise TFLiteConversionError(
+                f"{source}: grouped CONV_2D ({x.shape[-1]} -> {in_ch}) is unsupported"
+            )
         weight = weight.transpose(0, 3, 1, 2)  # OHWI -> OIHW
         groups = 1
     else:
@@ -371,8 +397,9 @@ def _conv_layer(op: _Op, tensors: list[_Tensor], source: str) -> tuple[dict[str,
     return spec, weight, bias
 
 
-def convert_tflite(buffer: bytes, *, source: str = "<bytes>", drop_background: bool | None = None
-                   ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def convert_tflite(
+    buffer: bytes, *, source: str = "<bytes>", drop_background: bool | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Convert TFLite model bytes into ``(spec, state_dict)`` for :func:`build_from_spec`.
 
     ``drop_background``: drop output 0 (TF-slim's background class); ``None`` drops it when there are 1001
@@ -400,7 +427,9 @@ def convert_tflite(buffer: bytes, *, source: str = "<bytes>", drop_background: b
         where = f"{source}: op {index} ({op.kind})"
         if head is None and op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D"):
             if op.inputs[0] != current:
-                raise TFLiteConversionError(f"{where} does not continue the previous layer: not a sequential CNN")
+                raise TFLiteConversionError(
+                    f"{where} does not continue the previous layer: not a sequential CNN"
+                )
             spec, weight, bias = _conv_layer(op, tensors, where)
             if closing or spec["kind"] == "conv":
                 flush()
@@ -415,7 +444,9 @@ def convert_tflite(buffer: bytes, *, source: str = "<bytes>", drop_background: b
                 closing = True  # the pointwise conv after a depthwise one ends the block (an ADD may follow)
         elif head is None and op.kind == "ADD":
             if not closing or sorted(op.inputs) != sorted([current, block_input]):
-                raise TFLiteConversionError(f"{where} is not a residual connection around the preceding block")
+                raise TFLiteConversionError(
+                    f"{where} is not a residual connection around the preceding block"
+                )
             act = _ACTIVATIONS.get(op.options.get("activation", 0))
             if act is None:
                 raise TFLiteConversionError(f"{where}: unsupported fused activation")
@@ -423,7 +454,11 @@ def convert_tflite(buffer: bytes, *, source: str = "<bytes>", drop_background: b
             flush(residual=True, activation=act)
         elif head is None and op.kind == "AVERAGE_POOL_2D":
             _, height, width, channels = tensors[op.inputs[0]].shape
-            if op.inputs[0] != current or tuple(op.options["filter"]) != (height, width) or op.options["activation"]:
+            if (
+                op.inputs[0] != current
+                or tuple(op.options["filter"]) != (height, width)
+                or op.options["activation"]
+            ):
                 raise TFLiteConversionError(f"{where}: only a global average pool at the end is supported")
             flush()
             head = {"in": int(channels)}
@@ -443,7 +478,9 @@ def convert_tflite(buffer: bytes, *, source: str = "<bytes>", drop_background: b
         elif head is not None and op.kind == "SOFTMAX" and op.outputs[0] == output_id:
             current = op.outputs[0]  # dropped: the model returns logits
         else:
-            raise TFLiteConversionError(f"{where} is not supported by this converter (MobileNet-style graphs only)")
+            raise TFLiteConversionError(
+                f"{where} is not supported by this converter (MobileNet-style graphs only)"
+            )
 
     if current != output_id or head is None or classifier is None:
         raise TFLiteConversionError(f"{source}: the graph does not end in pool -> classifier -> (softmax)")
@@ -463,9 +500,11 @@ def convert_tflite(buffer: bytes, *, source: str = "<bytes>", drop_background: b
     model = build_from_spec(spec)
     convs = [m.conv for m in model.features.modules() if isinstance(m, ConvAct)]
     if len(convs) != len(params):  # guards the grouping logic itself
-        raise TFLiteConversionError(f"{source}: internal error, {len(convs)} modules for {len(params)} layers")
+        raise TFLiteConversionError(
+            f"{source}: internal error, {len(convs)} modules for {len(params)} layers"
+        )
     with torch.no_grad():
-        for conv, (w, b) in zip(convs, params):
+        for conv, (w, b) in zip(convs, params, strict=True):
             conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(w)))
             conv.bias.copy_(torch.from_numpy(np.ascontiguousarray(b)))
         model.classifier.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
@@ -486,11 +525,13 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def load_tflite(path: str | os.PathLike[str], *, expected_sha256: str | None = None, cache: bool = True) -> TFLiteNet:
+def load_tflite(
+    path: str | os.PathLike[str], *, expected_sha256: str | None = None, cache: bool = True
+) -> TFLiteNet:
     """Convert (or fetch from the cache) the model in ``path``; returns it in eval mode on the CPU.
 
-    ``expected_sha256``: refuse a file whose hash differs (a corrupt or different download). The cache entry is
-    ``<cache_dir>/tflite/<sha256>-v<CONVERTER_VERSION>.pt``; a damaged entry is rebuilt.
+    ``expected_sha256``: refuse a file whose hash differs (a corrupt or different download). The cache entry
+    is ``<cache_dir>/tflite/<sha256>-v<CONVERTER_VERSION>.pt``; a damaged entry is rebuilt.
     """
     path = Path(path)
     if not path.is_file():
@@ -509,7 +550,7 @@ def load_tflite(path: str | os.PathLike[str], *, expected_sha256: str | None = N
             model = build_from_spec(payload["spec"])
             model.load_state_dict(payload["state_dict"])
             return model.eval()
-        except Exception as exc:  # a truncated or stale entry: convert again
+        except Exception as exc:  # noqa: BLE001 -- any damaged or stale entry: convert again
             log.warning("ignoring unreadable cache entry %s (%r); converting again", entry, exc)
     spec, state = convert_tflite(path.read_bytes(), source=str(path))
     if cache:

@@ -34,16 +34,24 @@ def _random_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> 
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)
 
 
-# ---------------------------------------------------------------------------------------------- preprocessing
+# --- preprocessing
 
 
 @pytest.mark.parametrize("size_wh", [(400, 300), (297, 224), (250, 333), (227, 227), (500, 101)])
 def test_crop_is_exactly_torchvision_resize_centercrop(size_wh: tuple[int, int]) -> None:
     image = _random_image(*size_wh)
-    reference = transforms.Compose([transforms.Resize(224), transforms.CenterCrop(224), transforms.PILToTensor()])
+    reference = transforms.Compose(
+        [transforms.Resize(224), transforms.CenterCrop(224), transforms.PILToTensor()]
+    )
     assert torch.equal(Preprocess(224).resize_image(image), reference(image))
-    normalised = transforms.Compose([transforms.Resize(224), transforms.CenterCrop(224), transforms.ToTensor(),
-                                     transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    normalised = transforms.Compose(
+        [
+            transforms.Resize(224),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
     torch.testing.assert_close(Preprocess(224)(image), normalised(image), atol=1e-6, rtol=0)
 
 
@@ -66,7 +74,9 @@ def test_normalize_denormalize_roundtrip() -> None:
     pre = Preprocess(224)
     image = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)
     x = pre.normalize(image)
-    torch.testing.assert_close(x[:, 0, 0], (image[:, 0, 0] / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD))
+    torch.testing.assert_close(
+        x[:, 0, 0], (image[:, 0, 0] / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    )
     torch.testing.assert_close(pre.denormalize(x), image / 255.0, atol=1e-6, rtol=0)
     assert pre.denormalize(torch.full((3, 2, 2), 10.0)).max() == 1.0
 
@@ -78,20 +88,24 @@ def test_bad_preprocess_arguments() -> None:
         Preprocess(0)
 
 
-# ---------------------------------------------------------------------------------------------- box mapping
+# --- box mapping
 
 
 def test_map_boxes_crop_hand_computed() -> None:
     # 400x300 -> Resize(224): 298x224 (int(224 * 400 / 300) = 298); crop left = round(74 / 2) = 37, top 0.
     # x' = x * 298/400 - 37 = 0.745 x - 37 ;  y' = y * 224/300.
-    boxes = torch.tensor([
-        [100.0, 30.0, 300.0, 150.0],  # inside: (37.5, 22.4, 186.5, 112)
-        [0.0, 0.0, 40.0, 300.0],      # left of the crop: x1 = 29.8 - 37 < 0 -> dropped
-        [10.0, 100.0, 120.0, 300.0],  # cut by the left edge: (0, 74.667, 52.4, 224)
-        [350.0, 0.0, 400.0, 300.0],   # cut by the right edge: (223.75, 0, 224, 224)
-    ])
+    boxes = torch.tensor(
+        [
+            [100.0, 30.0, 300.0, 150.0],  # inside: (37.5, 22.4, 186.5, 112)
+            [0.0, 0.0, 40.0, 300.0],  # left of the crop: x1 = 29.8 - 37 < 0 -> dropped
+            [10.0, 100.0, 120.0, 300.0],  # cut by the left edge: (0, 74.667, 52.4, 224)
+            [350.0, 0.0, 400.0, 300.0],  # cut by the right edge: (223.75, 0, 224, 224)
+        ]
+    )
     mapped = Preprocess(224).map_boxes(boxes, 400, 300)
-    expected = torch.tensor([[37.5, 22.4, 186.5, 112.0], [0.0, 74.6667, 52.4, 224.0], [223.75, 0.0, 224.0, 224.0]])
+    expected = torch.tensor(
+        [[37.5, 22.4, 186.5, 112.0], [0.0, 74.6667, 52.4, 224.0], [223.75, 0.0, 224.0, 224.0]]
+    )
     torch.testing.assert_close(mapped, expected, atol=1e-4, rtol=0)
 
 
@@ -124,10 +138,18 @@ def test_mapped_box_covers_the_same_content() -> None:
     image = pre.resize_image(Image.fromarray(array))[0].float() / 255
     x0, y0, x1, y1 = pre.map_boxes(torch.tensor([[120.0, 60.0, 280.0, 240.0]]), 400, 300)[0].tolist()
     centres = torch.arange(224) + 0.5
-    inside = ((centres[None, :] >= x0 + 1) & (centres[None, :] < x1 - 1)
-              & (centres[:, None] >= y0 + 1) & (centres[:, None] < y1 - 1))
-    outside = ~((centres[None, :] >= x0 - 1) & (centres[None, :] < x1 + 1)
-                & (centres[:, None] >= y0 - 1) & (centres[:, None] < y1 + 1))
+    inside = (
+        (centres[None, :] >= x0 + 1)
+        & (centres[None, :] < x1 - 1)
+        & (centres[:, None] >= y0 + 1)
+        & (centres[:, None] < y1 - 1)
+    )
+    outside = ~(
+        (centres[None, :] >= x0 - 1)
+        & (centres[None, :] < x1 + 1)
+        & (centres[:, None] >= y0 - 1)
+        & (centres[:, None] < y1 + 1)
+    )
     assert image[inside].min() > 0.99 and image[outside].max() < 0.01
 
 
@@ -140,7 +162,7 @@ def test_parse_and_format_boxes() -> None:
         parse_boxes("1 2 3")
 
 
-# ---------------------------------------------------------------------------------------------- manifests
+# --- manifests
 
 
 def test_sample_manifest_dataset(assets: Path) -> None:
@@ -150,8 +172,10 @@ def test_sample_manifest_dataset(assets: Path) -> None:
     assert sample.file == "ILSVRC2012_val_00000347.JPEG" and sample.label == 472
     assert sample.image.shape == (3, 224, 224) and sample.image.dtype == torch.float32
     # 227x227 -> Resize(224) is 224x224, no crop: boxes scale by 224/227
-    raw = parse_boxes("9.1 105.9 50.4 176.8;168.9 114.4 226.5 135.6;64.9 107.1 112.1 147.1;35.9 109.6 85.4 158.0;"
-                      "109.0 93.2 158.9 128.9;87.2 110.8 128.0 142.9;94.4 101.7 140.7 135.6;149.8 87.8 180.7 119.9")
+    raw = parse_boxes(
+        "9.1 105.9 50.4 176.8;168.9 114.4 226.5 135.6;64.9 107.1 112.1 147.1;35.9 109.6 85.4 158.0;"
+        "109.0 93.2 158.9 128.9;87.2 110.8 128.0 142.9;94.4 101.7 140.7 135.6;149.8 87.8 180.7 119.9"
+    )
     torch.testing.assert_close(sample.boxes, raw * 224 / 227)
     assert len(ManifestDataset(sample_manifest(), Preprocess(224), limit=5)) == 5
 
@@ -182,8 +206,11 @@ def test_manifest_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="line 2"):
         ManifestDataset(bad, Preprocess())
     with pytest.raises(FileNotFoundError, match="image folder"):
-        ManifestDataset(_write(tmp_path / "ok.csv", "file,label,width,height,boxes\na.JPEG,1,10,10,\n"),
-                        Preprocess(), image_dir=tmp_path / "images")
+        ManifestDataset(
+            _write(tmp_path / "ok.csv", "file,label,width,height,boxes\na.JPEG,1,10,10,\n"),
+            Preprocess(),
+            image_dir=tmp_path / "images",
+        )
 
 
 @pytest.fixture
@@ -203,7 +230,15 @@ def odd_images(tmp_path: Path) -> Path:
     base.save(good, quality=95)
     (folder / "truncated.JPEG").write_bytes(good.read_bytes()[:200])
     rows = ["file,label,width,height,boxes"]
-    for name in ["grey.JPEG", "corrupt.JPEG", "cmyk.JPEG", "rgba.png", "truncated.JPEG", "palette.png", "good.JPEG"]:
+    for name in [
+        "grey.JPEG",
+        "corrupt.JPEG",
+        "cmyk.JPEG",
+        "rgba.png",
+        "truncated.JPEG",
+        "palette.png",
+        "good.JPEG",
+    ]:
         rows.append(f"{name},7,60,40,10 5 50 35")
     _write(folder / "manifest.csv", "\n".join(rows) + "\n")
     return folder
@@ -223,14 +258,22 @@ def test_image_modes_become_rgb(odd_images: Path) -> None:
         load_image(odd_images / "absent.JPEG")
 
 
-def test_iter_batches_skips_and_logs_unreadable_images(odd_images: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_iter_batches_skips_and_logs_unreadable_images(
+    odd_images: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     dataset = ManifestDataset(odd_images / "manifest.csv", Preprocess(32, "stretch"))
     with caplog.at_level(logging.WARNING, logger="iscam.data"):
         batches = list(iter_batches(dataset, batch_size=2))
-    assert [b.files for b in batches] == [["grey.JPEG", "cmyk.JPEG"], ["rgba.png", "palette.png"], ["good.JPEG"]]
+    assert [b.files for b in batches] == [
+        ["grey.JPEG", "cmyk.JPEG"],
+        ["rgba.png", "palette.png"],
+        ["good.JPEG"],
+    ]
     assert [b.indices.tolist() for b in batches] == [[0, 2], [3, 5], [6]]
     assert batches[0].x.shape == (2, 3, 32, 32) and batches[0].labels.tolist() == [7, 7]
-    torch.testing.assert_close(batches[2].boxes[0], torch.tensor([[10 * 32 / 60, 5 * 32 / 40, 50 * 32 / 60, 35 * 32 / 40]]))
+    torch.testing.assert_close(
+        batches[2].boxes[0], torch.tensor([[10 * 32 / 60, 5 * 32 / 40, 50 * 32 / 60, 35 * 32 / 40]])
+    )
     skipped = [r.getMessage() for r in caplog.records if r.name == "iscam.data"]
     assert len(skipped) == 2 and "corrupt.JPEG" in skipped[0] and "truncated.JPEG" in skipped[1]
 
@@ -251,14 +294,15 @@ def test_manifest_boxes_rescaled_when_file_size_differs(tmp_path: Path) -> None:
     torch.testing.assert_close(sample.boxes, torch.tensor([[5.0, 5.0, 30.0, 30.0]]))  # (/2 then *0.5, *1)
 
 
-# ---------------------------------------------------------------------------------------------- official layout
+# --- official layout
 
 
 def test_wnid_list() -> None:
     wnids = imagenet_wnids()
     assert len(wnids) == 1000 and list(wnids) == sorted(set(wnids))
     assert wnids[0] == "n01440764" and wnids[1] == "n01443537" and wnids[999] == "n15075141"
-    # anchors from the shared manifest: val_00000347 canoe (472), val_00000355 chow (260), val_00000363 bittern (133)
+    # anchors from the shared manifest: val_00000347 canoe (472), val_00000355 chow (260),
+    # val_00000363 bittern (133)
     assert (wnids[472], wnids[260], wnids[133]) == ("n02951358", "n02112137", "n02011460")
 
 
@@ -268,26 +312,38 @@ def _xml(wnid: str, width: int, height: int, boxes: list[tuple[int, int, int, in
         f"<bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
         for b in boxes
     )
-    return (f"<annotation><folder>val</folder><filename>x</filename><source><database>ILSVRC_2012</database>"
-            f"</source><size><width>{width}</width><height>{height}</height><depth>3</depth></size>"
-            f"<segmented>0</segmented>{objects}{extra}</annotation>")
+    return (
+        f"<annotation><folder>val</folder><filename>x</filename><source><database>ILSVRC_2012</database>"
+        f"</source><size><width>{width}</width><height>{height}</height><depth>3</depth></size>"
+        f"<segmented>0</segmented>{objects}{extra}</annotation>"
+    )
 
 
 def test_read_bbox_xml(tmp_path: Path) -> None:
-    other = ("<object><name>n99999999</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax>"
-             "</bndbox></object>")
-    path = _write(tmp_path / "a.xml", _xml("n01443537", 500, 375, [(111, 108, 441, 193), (1, 1, 500, 375)], other))
+    other = (
+        "<object><name>n99999999</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax>"
+        "</bndbox></object>"
+    )
+    path = _write(
+        tmp_path / "a.xml", _xml("n01443537", 500, 375, [(111, 108, 441, 193), (1, 1, 500, 375)], other)
+    )
     ann = read_bbox_xml(path)
     assert (ann.width, ann.height, ann.wnid) == (500, 375, "n01443537")
     # 1-based inclusive pixel indices -> continuous [xmin - 1, xmax); the other class's box is ignored
-    torch.testing.assert_close(ann.boxes, torch.tensor([[110.0, 107.0, 441.0, 193.0], [0.0, 0.0, 500.0, 375.0]]))
+    torch.testing.assert_close(
+        ann.boxes, torch.tensor([[110.0, 107.0, 441.0, 193.0], [0.0, 0.0, 500.0, 375.0]])
+    )
     with pytest.raises(FileNotFoundError, match="bounding-box file not found"):
         read_bbox_xml(tmp_path / "absent.xml")
     with pytest.raises(ValueError, match="malformed"):
         read_bbox_xml(_write(tmp_path / "bad.xml", "<annotation><size>"))
     with pytest.raises(ValueError, match="no <object>"):
-        read_bbox_xml(_write(tmp_path / "none.xml", "<annotation><size><width>5</width><height>5</height></size>"
-                                                    "</annotation>"))
+        read_bbox_xml(
+            _write(
+                tmp_path / "none.xml",
+                "<annotation><size><width>5</width><height>5</height></size></annotation>",
+            )
+        )
 
 
 def _official_layout(root: Path) -> tuple[Path, Path]:
@@ -297,7 +353,10 @@ def _official_layout(root: Path) -> tuple[Path, Path]:
     _random_image(400, 300, seed=1).save(images / "ILSVRC2012_val_00000001.JPEG")
     _random_image(200, 400, seed=2).save(images / "ILSVRC2012_val_00000002.JPEG")
     _write(boxes / "ILSVRC2012_val_00000001.xml", _xml("n01443537", 400, 300, [(101, 31, 300, 150)]))
-    _write(boxes / "ILSVRC2012_val_00000002.xml", _xml("n15075141", 200, 400, [(51, 151, 150, 250), (1, 1, 20, 20)]))
+    _write(
+        boxes / "ILSVRC2012_val_00000002.xml",
+        _xml("n15075141", 200, 400, [(51, 151, 150, 250), (1, 1, 20, 20)]),
+    )
     return images, boxes
 
 
@@ -308,7 +367,9 @@ def test_imagenet_val_dataset(tmp_path: Path) -> None:
     first, second = dataset[0], dataset[1]
     assert (first.label, second.label) == (1, 999)
     torch.testing.assert_close(first.boxes, torch.tensor([[37.5, 22.4, 186.5, 112.0]]), atol=1e-4, rtol=0)
-    torch.testing.assert_close(second.boxes, torch.tensor([[56.0, 56.0, 168.0, 168.0]]))  # 2nd box leaves the crop
+    torch.testing.assert_close(
+        second.boxes, torch.tensor([[56.0, 56.0, 168.0, 168.0]])
+    )  # 2nd box leaves the crop
     only = ImageNetValDataset(images, boxes, Preprocess(224), files=["ILSVRC2012_val_00000002.JPEG"])
     assert len(only) == 1 and only[0].label == 999
 

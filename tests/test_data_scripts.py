@@ -1,4 +1,4 @@
-"""data_scripts/: --help, the committed paper list, manifest conversion and asset verification on tiny files."""
+"""data_scripts/: --help, the committed paper list, manifest conversion, asset verification (tiny files)."""
 
 from __future__ import annotations
 
@@ -42,8 +42,12 @@ def test_help(script: str) -> None:
 
 
 def test_scripts_run_standalone() -> None:
-    result = subprocess.run([sys.executable, str(SCRIPTS / "fetch_assets.py"), "--help"], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "fetch_assets.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0 and "sha256" in result.stdout.lower()
 
 
@@ -52,7 +56,9 @@ def test_committed_paper_list_is_the_seeded_selection(tmp_path: Path) -> None:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2000 and len({r["file"] for r in rows}) == 2000
     assert [int(r["rank"]) for r in rows] == list(range(2000))
-    expected = np.random.default_rng(2020).permutation(50000)[:2000] + 1  # the documented recipe, reimplemented
+    expected = (
+        np.random.default_rng(2020).permutation(50000)[:2000] + 1
+    )  # the documented recipe, reimplemented
     assert [r["file"] for r in rows] == [f"ILSVRC2012_val_{i:08d}.JPEG" for i in expected]
     assert run("select_paper_images.py", "--check").returncode == 0
     other = tmp_path / "other.csv"
@@ -61,8 +67,11 @@ def test_committed_paper_list_is_the_seeded_selection(tmp_path: Path) -> None:
 
 
 def _xml(wnid: str, width: int, height: int, boxes: list[tuple[int, int, int, int]]) -> str:
-    objects = "".join(f"<object><name>{wnid}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
-                      f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>" for b in boxes)
+    objects = "".join(
+        f"<object><name>{wnid}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
+        f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+        for b in boxes
+    )
     return f"<annotation><size><width>{width}</width><height>{height}</height></size>{objects}</annotation>"
 
 
@@ -72,10 +81,14 @@ def imagenet_root(tmp_path: Path) -> Path:
     images.mkdir(parents=True)
     boxes.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for number, (w, h), wnid, box in [(7195, (400, 300), "n01443537", [(101, 31, 300, 150)]),
-                                      (40051, (200, 400), "n15075141", [(51, 151, 150, 250), (1, 1, 20, 20)]),
-                                      (3, (64, 64), "n01440764", [(1, 1, 64, 64)])]:
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(images / f"ILSVRC2012_val_{number:08d}.JPEG")
+    for number, (w, h), wnid, box in [
+        (7195, (400, 300), "n01443537", [(101, 31, 300, 150)]),
+        (40051, (200, 400), "n15075141", [(51, 151, 150, 250), (1, 1, 20, 20)]),
+        (3, (64, 64), "n01440764", [(1, 1, 64, 64)]),
+    ]:
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+            images / f"ILSVRC2012_val_{number:08d}.JPEG"
+        )
         (boxes / f"ILSVRC2012_val_{number:08d}.xml").write_text(_xml(wnid, w, h, box))
     return tmp_path
 
@@ -87,11 +100,27 @@ def test_imagenet_to_manifest(imagenet_root: Path, tmp_path: Path) -> None:
     with open(manifest, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert rows == [
-        {"file": "ILSVRC2012_val_00000003.JPEG", "label": "0", "width": "64", "height": "64", "boxes": "0 0 64 64"},
-        {"file": "ILSVRC2012_val_00007195.JPEG", "label": "1", "width": "400", "height": "300",
-         "boxes": "100 30 300 150"},
-        {"file": "ILSVRC2012_val_00040051.JPEG", "label": "999", "width": "200", "height": "400",
-         "boxes": "50 150 150 250;0 0 20 20"},
+        {
+            "file": "ILSVRC2012_val_00000003.JPEG",
+            "label": "0",
+            "width": "64",
+            "height": "64",
+            "boxes": "0 0 64 64",
+        },
+        {
+            "file": "ILSVRC2012_val_00007195.JPEG",
+            "label": "1",
+            "width": "400",
+            "height": "300",
+            "boxes": "100 30 300 150",
+        },
+        {
+            "file": "ILSVRC2012_val_00040051.JPEG",
+            "label": "999",
+            "width": "200",
+            "height": "400",
+            "boxes": "50 150 150 250;0 0 20 20",
+        },
     ]
     sample = ManifestDataset(manifest, Preprocess(224))[1]
     torch.testing.assert_close(sample.boxes, torch.tensor([[37.5, 22.4, 186.5, 112.0]]), atol=1e-4, rtol=0)
@@ -99,13 +128,28 @@ def test_imagenet_to_manifest(imagenet_root: Path, tmp_path: Path) -> None:
     subset = tmp_path / "subset.csv"
     subset.write_text("rank,file\n0,ILSVRC2012_val_00040051.JPEG\n")
     out = tmp_path / "paper.csv"
-    assert run("imagenet_to_manifest.py", "--data-root", imagenet_root, "--files", subset, "--out", out).returncode == 0
-    assert out.read_text().splitlines()[1:] == ["ILSVRC2012_val_00040051.JPEG,999,200,400,50 150 150 250;0 0 20 20"]
+    assert (
+        run(
+            "imagenet_to_manifest.py", "--data-root", imagenet_root, "--files", subset, "--out", out
+        ).returncode
+        == 0
+    )
+    assert out.read_text().splitlines()[1:] == [
+        "ILSVRC2012_val_00040051.JPEG,999,200,400,50 150 150 250;0 0 20 20"
+    ]
 
     labelled = tmp_path / "labelled.csv"
-    assert run("select_paper_images.py", "--count", "2", "--data-root", imagenet_root, "--out", labelled).returncode == 0
+    assert (
+        run(
+            "select_paper_images.py", "--count", "2", "--data-root", imagenet_root, "--out", labelled
+        ).returncode
+        == 0
+    )
     assert labelled.read_text().splitlines() == [
-        "rank,file,label", "0,ILSVRC2012_val_00007195.JPEG,1", "1,ILSVRC2012_val_00040051.JPEG,999"]
+        "rank,file,label",
+        "0,ILSVRC2012_val_00007195.JPEG,1",
+        "1,ILSVRC2012_val_00040051.JPEG,999",
+    ]
 
 
 def test_imagenet_to_manifest_errors(imagenet_root: Path, tmp_path: Path) -> None:
@@ -141,11 +185,21 @@ def test_fetch_assets_copies_verifies_and_downloads(tmp_path: Path) -> None:
     result = run("fetch_assets.py", "--data-root", root, "--hashes", hashes)
     assert result.returncode == 1
     assert "missing: models/a.tflite" in result.stderr and "WRONG SHA-256" in result.stderr
-    assert (root / "imagenet-val-sample" / "x.JPEG").read_bytes() == b"jpeg bytes, damaged"  # never overwritten
+    assert (
+        root / "imagenet-val-sample" / "x.JPEG"
+    ).read_bytes() == b"jpeg bytes, damaged"  # never overwritten
 
     (root / "imagenet-val-sample" / "x.JPEG").unlink()
-    result = run("fetch_assets.py", "--data-root", root, "--hashes", hashes, "--download",
-                 "--url-base", (source / "models").as_uri())
+    result = run(
+        "fetch_assets.py",
+        "--data-root",
+        root,
+        "--hashes",
+        hashes,
+        "--download",
+        "--url-base",
+        (source / "models").as_uri(),
+    )
     assert result.returncode == 1  # models can be downloaded, images cannot
     assert "1 downloaded" in result.stdout and "missing: imagenet-val-sample/x.JPEG" in result.stderr
     assert (root / "models" / "a.tflite").read_bytes() == b"model bytes"

@@ -1,4 +1,4 @@
-"""Model registry: every model loads (random weights for the torchvision ones), targets resolve, weights files."""
+"""Model registry: every model loads (random torchvision weights), targets resolve, weights files."""
 
 from __future__ import annotations
 
@@ -33,15 +33,20 @@ def test_paper_models_load_with_random_weights(name: str) -> None:
     assert logits.shape == (1, 1000) and len(seen) == 1
 
 
-@pytest.mark.parametrize(("name", "size", "target", "channels"),
-                         [("mobilenet_v2_coral", 224, "features.18", 1280),
-                          ("mobilenet_v1_coral_tiny", 128, "features.13", 256)])
-def test_coral_models_load_with_their_input_size_and_target(name: str, size: int, target: str, channels: int) -> None:
+@pytest.mark.parametrize(
+    ("name", "size", "target", "channels"),
+    [("mobilenet_v2_coral", 224, "features.18", 1280), ("mobilenet_v1_coral_tiny", 128, "features.13", 256)],
+)
+def test_coral_models_load_with_their_input_size_and_target(
+    name: str, size: int, target: str, channels: int
+) -> None:
     loaded = models.load(name)
     assert loaded.target_layer == target and loaded.preprocess.size == size
     assert loaded.preprocess.mean == loaded.preprocess.std == pytest.approx((128 / 255,) * 3)
     activations = []
-    handle = resolve_layer(loaded.model, target).register_forward_hook(lambda _m, _i, out: activations.append(out))
+    handle = resolve_layer(loaded.model, target).register_forward_hook(
+        lambda _m, _i, out: activations.append(out)
+    )
     with torch.no_grad():
         loaded.model(torch.zeros(2, 3, size, size))
     handle.remove()
@@ -56,7 +61,7 @@ def test_coral_labels_are_torchvision_order_after_dropping_background(assets: Pa
     coral = (assets / "models" / "imagenet_labels.txt").read_text().splitlines()
     assert len(coral) == 1001 and coral[0] == "background"
     categories = models.imagenet_categories()
-    same = sum(c.split(",")[0].strip() == t for c, t in zip(coral[1:], categories))
+    same = sum(c.split(",")[0].strip() == t for c, t in zip(coral[1:], categories, strict=True))
     assert same >= 998  # only 'crane'/'crane bird' and 'maillot, tank suit'/'maillot tank suit' differ
 
 
@@ -66,7 +71,7 @@ def test_local_state_dict_file(tmp_path: Path) -> None:
     path = tmp_path / "resnet18.pth"
     torch.save(source.state_dict(), path)
     loaded = models.load("resnet18", weights=path).model
-    for (name, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items()):
+    for (name, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         models.load("resnet18", weights=tmp_path / "absent.pth")
@@ -87,6 +92,12 @@ def test_bad_names_and_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_model_names_and_device() -> None:
-    assert models.MODEL_NAMES == ("vgg16", "resnet18", "squeezenet1_0", "mobilenet_v2_coral", "mobilenet_v1_coral_tiny")
+    assert models.MODEL_NAMES == (
+        "vgg16",
+        "resnet18",
+        "squeezenet1_0",
+        "mobilenet_v2_coral",
+        "mobilenet_v1_coral_tiny",
+    )
     loaded = models.load("mobilenet_v1_coral_tiny", device=torch.device("cpu"))
     assert next(loaded.model.parameters()).device.type == "cpu"

@@ -25,13 +25,20 @@ V2 = models.CORAL_MODELS["mobilenet_v2_coral"]
 V1 = models.CORAL_MODELS["mobilenet_v1_coral_tiny"]
 
 
-# ---------------------------------------------------------------------------------------------- padding
+# --- padding
 
 
 @pytest.mark.parametrize(
     ("size", "kernel", "stride", "expected"),
-    [(224, 3, 2, (0, 1)), (225, 3, 2, (1, 1)), (112, 3, 1, (1, 1)), (7, 3, 2, (1, 1)), (56, 1, 1, (0, 0)),
-     (8, 5, 2, (1, 2)), (4, 4, 2, (1, 1))],
+    [
+        (224, 3, 2, (0, 1)),
+        (225, 3, 2, (1, 1)),
+        (112, 3, 1, (1, 1)),
+        (7, 3, 2, (1, 1)),
+        (56, 1, 1, (0, 0)),
+        (8, 5, 2, (1, 2)),
+        (4, 4, 2, (1, 1)),
+    ],
 )
 def test_same_padding_amounts(size: int, kernel: int, stride: int, expected: tuple[int, int]) -> None:
     pad = TFSamePad2d((kernel, kernel), (stride, stride))
@@ -46,12 +53,16 @@ def test_same_padding_conv_matches_hand_computed_tf_output() -> None:
     conv = nn.Conv2d(1, 1, 3, stride=2, bias=False)
     nn.init.ones_(conv.weight)
     y = conv(TFSamePad2d((3, 3), (2, 2))(x))
-    expected = torch.tensor([[x[0, 0, 0:3, 0:3].sum(), x[0, 0, 0:3, 2:4].sum()],
-                             [x[0, 0, 2:4, 0:3].sum(), x[0, 0, 2:4, 2:4].sum()]])
+    expected = torch.tensor(
+        [
+            [x[0, 0, 0:3, 0:3].sum(), x[0, 0, 0:3, 2:4].sum()],
+            [x[0, 0, 2:4, 0:3].sum(), x[0, 0, 2:4, 2:4].sum()],
+        ]
+    )
     torch.testing.assert_close(y[0, 0], expected)
 
 
-# ---------------------------------------------------------------------------------------------- structure
+# --- structure
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +123,12 @@ def test_dequantisation_of_first_conv(assets: Path, v1: nn.Module) -> None:
     torch.testing.assert_close(v1.features[0].conv[0].conv.weight.detach(), expected)
 
 
-# ---------------------------------------------------------------------------------------------- caching, bad files
+# --- caching, bad files
 
 
-def test_conversion_is_cached_by_sha256(assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                        caplog: pytest.LogCaptureFixture) -> None:
+def test_conversion_is_cached_by_sha256(
+    assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv("ISCAM_CACHE", str(tmp_path))
     source = assets / "models" / V1.file
     first = load_tflite(source)
@@ -159,12 +171,14 @@ def test_hash_mismatch_and_missing_file(assets: Path, tmp_path: Path) -> None:
         models.load("mobilenet_v2_coral", weights=tmp_path / "models" / V2.file)
 
 
-# ---------------------------------------------------------------------------------------------- vs the interpreter
+# --- vs the interpreter
 
 
 def _interpreter(path: Path, *, keep_intermediates: bool = False):
     litert = pytest.importorskip("ai_edge_litert.interpreter")
-    interpreter = litert.Interpreter(model_path=str(path), experimental_preserve_all_tensors=keep_intermediates)
+    interpreter = litert.Interpreter(
+        model_path=str(path), experimental_preserve_all_tensors=keep_intermediates
+    )
     interpreter.allocate_tensors()
     return interpreter
 
@@ -173,7 +187,9 @@ def _interpreter(path: Path, *, keep_intermediates: bool = False):
 def test_stem_activation_matches_interpreter(assets: Path, v2: nn.Module) -> None:
     """The stride-2 stem with asymmetric SAME padding: our float output within 2 quantisation steps."""
     interpreter = _interpreter(assets / "models" / V2.file, keep_intermediates=True)
-    image = Preprocess(224).resize_image(load_image(sorted((assets / "imagenet-val-sample").glob("*.JPEG"))[0]))
+    image = Preprocess(224).resize_image(
+        load_image(sorted((assets / "imagenet-val-sample").glob("*.JPEG"))[0])
+    )
     interpreter.set_tensor(interpreter.get_input_details()[0]["index"], image.permute(1, 2, 0)[None].numpy())
     interpreter.invoke()
     stem_out = next(d for d in interpreter.get_tensor_details() if d["shape"].tolist() == [1, 112, 112, 32])
@@ -186,12 +202,16 @@ def test_stem_activation_matches_interpreter(assets: Path, v2: nn.Module) -> Non
     assert error.mean() <= 0.3 * scale
 
 
-def _compare(assets: Path, loaded: models.LoadedModel, tflite_file: str, limit: int | None) -> dict[str, float]:
+def _compare(
+    assets: Path, loaded: models.LoadedModel, tflite_file: str, limit: int | None
+) -> dict[str, float]:
     interpreter = _interpreter(assets / "models" / tflite_file)
     input_index = interpreter.get_input_details()[0]["index"]
     output_index = interpreter.get_output_details()[0]["index"]
     dataset = ManifestDataset(sample_manifest(), loaded.preprocess, limit=limit)
-    images = torch.stack([loaded.preprocess.resize_image(load_image(dataset.image_dir / f)) for f in dataset.files])
+    images = torch.stack(
+        [loaded.preprocess.resize_image(load_image(dataset.image_dir / f)) for f in dataset.files]
+    )
     tflite_out = []
     for image in images:  # the interpreter takes one uint8 NHWC image at a time
         interpreter.set_tensor(input_index, image.permute(1, 2, 0)[None].numpy())
