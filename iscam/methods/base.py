@@ -266,29 +266,7 @@ class CAM(ABC):
         batch, classes = logits.shape
         if target is None:
             return logits.detach().argmax(dim=1)
-        if isinstance(target, bool):
-            raise TypeError("target must be None, an int, a sequence of ints or a LongTensor [B], got a bool")
-        if isinstance(target, int):
-            indices = torch.full((batch,), target, dtype=torch.long)
-        elif isinstance(target, Tensor):
-            if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
-                raise TypeError(f"target tensor must hold integer class indices, got {target.dtype}")
-            indices = target.reshape(-1) if target.ndim <= 1 else target
-            if indices.ndim != 1:
-                raise ValueError(f"target tensor must be 1-D [B], got shape {tuple(target.shape)}")
-            if target.ndim == 0:
-                indices = indices.expand(batch)
-        elif isinstance(target, Sequence) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in target
-        ):
-            indices = torch.tensor(list(target), dtype=torch.long)
-        else:
-            raise TypeError(
-                f"target must be None, an int, a sequence of ints or a LongTensor [B], got {type(target).__name__}"
-            )
-        if indices.shape[0] != batch:
-            raise ValueError(f"target has {indices.shape[0]} entries but the batch has {batch} images")
-        indices = indices.to(device=logits.device, dtype=torch.long)
+        indices = _target_indices(target, batch).to(device=logits.device)
         # One host sync per call: the range check must see the values.
         low, high = int(indices.min()), int(indices.max())
         if low < 0 or high >= classes:
@@ -327,6 +305,31 @@ class CAM(ABC):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def _target_indices(target: int | Sequence[int] | Tensor, batch: int) -> Tensor:
+    """``target`` as a CPU-or-device LongTensor ``[batch]``; type and length checked, range not (no model)."""
+    if isinstance(target, bool):
+        raise TypeError("target must be None, an int, a sequence of ints or a LongTensor [B], got a bool")
+    if isinstance(target, int):
+        indices = torch.full((batch,), target, dtype=torch.long)
+    elif isinstance(target, Tensor):
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(f"target tensor must hold integer class indices, got {target.dtype}")
+        if target.ndim > 1:
+            raise ValueError(f"target tensor must be 1-D [B], got shape {tuple(target.shape)}")
+        indices = target.reshape(1).expand(batch) if target.ndim == 0 else target
+    elif isinstance(target, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in target):
+        indices = torch.tensor(list(target), dtype=torch.long)
+    else:
+        raise TypeError(
+            f"target must be None, an int, a sequence of ints or a LongTensor [B], got {type(target).__name__}"
+        )
+    if indices.shape[0] != batch:
+        raise ValueError(f"target has {indices.shape[0]} entries but the batch has {batch} images")
+    if indices.numel() and int(indices.min()) < 0:
+        raise ValueError(f"target class {int(indices.min())} is out of range: class indices start at 0")
+    return indices.to(torch.long)
 
 
 def _check_positive_int(name: str, value: Any) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from iscam.methods.base import CAM, Target
+from iscam.methods.base import CAM, Target, _target_indices
 
 __all__ = ["RandomCAM"]
 
@@ -15,7 +15,7 @@ class RandomCAM(CAM):
 
     Maps come from a CPU ``torch.Generator`` seeded once with ``seed`` at construction and advanced by every
     call, so a given seed and sequence of calls always yields the same maps, on any device. The model is
-    never run (``forward_count`` stays 0); ``target_layer``, ``batch_size``, ``amp`` and ``channels_last``
+    never run (``forward_count`` stays 0), so ``target`` is only checked for type, length and sign; ``target_layer``, ``batch_size``, ``amp`` and ``channels_last``
     are accepted for a uniform interface and ignored.
     """
 
@@ -40,6 +40,8 @@ class RandomCAM(CAM):
 
     def _saliency(self, x: Tensor, target: Target) -> Tensor:
         batch, _, height, width = x.shape
+        if target is not None:
+            _target_indices(target, batch)  # type and length only: the model (and its class count) is not run
         return torch.rand((batch, height, width), generator=self._generator).to(x.device)
 
     def _extra_repr(self) -> str:
