@@ -13,7 +13,7 @@ ISCAM_DATA ?= $(abspath ../shared/assets)
 export ISCAM_DATA
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-all bench clean
+.PHONY: help venv test test-all bench clean book reproduce
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -27,7 +27,37 @@ $(VENV)/.stamp-test: pyproject.toml
 
 venv: $(VENV)/.stamp-test ## create .venv with the package and its test extras
 
-test: $(VENV)/.stamp-test ## set up .venv if needed and run the test suite (what CI runs)
+# The book's tools (jupyter-book<2, papermill, playwright) on top of the test environment; the browser
+# test (tests/test_book.py, part of `make test`) drives Debian's chromium, never a downloaded browser.
+$(VENV)/.stamp-book: pyproject.toml $(VENV)/.stamp-test
+	$(PY) -m pip install --quiet -e '.[test,book]'
+	touch $@
+
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+$(CHROMIUM):
+	$(SUDO) apt-get update
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
+
+# --- the book ---------------------------------------------------------------------------------------
+# `make book` runs every notebook with papermill on PROFILE (a config in configs/) and builds the HTML.
+# Notebook parameters come from the command line; empty ones keep the notebooks' defaults:
+#   make book N=15 IMAGES=50 SIGMA=2 SEED=1 DEVICE=cuda RESULTS=results/mine ISCAM_DATA=/data/imagenet
+# PARAMS passes any other parameter, papermill style: PARAMS='-p batch_size 64'.
+PROFILE ?= quick
+PAPER_PROFILES ?= paper-vgg16,paper-resnet18,paper-squeezenet
+BOOK_FLAGS ?= --log-output
+BOOK_PARAMS = $(if $(N),-p N $(N)) $(if $(IMAGES),-p n_images $(IMAGES)) $(if $(SIGMA),-p sigma $(SIGMA)) \
+	$(if $(SEED),-p seed $(SEED)) $(if $(DEVICE),-p device $(DEVICE)) $(if $(RESULTS),-p results $(abspath $(RESULTS))) \
+	$(PARAMS)
+
+book: $(VENV)/.stamp-book ## run the notebooks on PROFILE=quick (or N=, IMAGES=, ...) and build book/_build/html
+	$(PY) book/build.py --profile $(PROFILE) $(BOOK_FLAGS) $(BOOK_PARAMS)
+
+reproduce: $(VENV)/.stamp-book ## the paper's profiles (VGG-16, ResNet-18, SqueezeNet1.0; 2000 images; GPU), then the book
+	$(PY) book/build.py --profile $(PAPER_PROFILES) $(BOOK_FLAGS) $(BOOK_PARAMS)
+
+test: $(VENV)/.stamp-book $(CHROMIUM) ## set up .venv if needed and run the test suite (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-all: $(VENV)/.stamp-test ## the test suite including slow tests
@@ -38,4 +68,4 @@ bench: $(VENV)/.stamp-test ## CPU benchmarks against TorchCAM (tables in benchma
 	$(PY) benchmarks/metrics_cpu.py
 
 clean: ## remove build outputs (keeps .venv and results/)
-	rm -rf book/_build notebooks/executed .pytest_cache
+	rm -rf book/_build book/chapters book/_mathjax notebooks/executed .pytest_cache
