@@ -232,7 +232,9 @@ class _ScoreFamily(CAM):
             normalised = shifted / (shifted.amax(dim=(-2, -1), keepdim=True) + _TORCHCAM_EPS)
             masks = upsample(normalised, size).contiguous()
             return masks, torch.ones(masks.shape[:2], dtype=torch.bool, device=masks.device)
-        masks = upsample(activation, size).clone()
+        masks = upsample(activation, size)
+        if masks is activation:  # already at the input size: normalise a copy, not the activation
+            masks = masks.clone()
         low = masks.amin(dim=(-2, -1), keepdim=True)
         span = masks.amax(dim=(-2, -1), keepdim=True) - low
         valid = span > 0
@@ -330,6 +332,7 @@ class ISCAM(_ScoreFamily):
         self.N = _check_positive_int("N", N)
         self.schedule = _check_choice("schedule", schedule, SCHEDULES)
         self.coefficients = iscam_coefficients(N, schedule)
+        self._scales: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self._steps = N
         super().__init__(
             model,
@@ -342,7 +345,10 @@ class ISCAM(_ScoreFamily):
         )
 
     def _perturb(self, images: Tensor, masks: Tensor, rows: Tensor, steps: Tensor, channels: list[int]) -> Tensor:
-        scales = torch.tensor(self.coefficients, dtype=images.dtype, device=images.device)
+        scales = self._scales.get((images.dtype, images.device))
+        if scales is None:  # one host-to-device copy per dtype and device, not one per chunk
+            scales = torch.tensor(self.coefficients, dtype=images.dtype, device=images.device)
+            self._scales[(images.dtype, images.device)] = scales
         return (images * masks)[rows] * scales[steps].view(-1, 1, 1, 1)
 
     def _extra_repr(self) -> str:
