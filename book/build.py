@@ -165,12 +165,26 @@ def run_notebooks(
 
 
 def copy_chapters(executed_dir: Path = EXECUTED, chapters_dir: Path = CHAPTERS) -> list[Path]:
-    """Copy the executed notebooks into ``book/chapters`` (replacing what a previous build left)."""
+    """Copy the executed notebooks into ``book/chapters`` (replacing what a previous build left).
+
+    The cell papermill injects with the parameters gets the ``hide-input`` tag of the notebooks' own
+    code cells, so the book shows it folded like the rest of the code.
+    """
     executed = notebook_paths(executed_dir)
     if chapters_dir.exists():
         shutil.rmtree(chapters_dir)
     chapters_dir.mkdir(parents=True)
-    return [Path(shutil.copy2(p, chapters_dir / p.name)) for p in executed]
+    copies = []
+    for path in executed:
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        for cell in nb["cells"]:
+            tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+            if "injected-parameters" in tags and "hide-input" not in tags:
+                tags.append("hide-input")
+        target = chapters_dir / path.name
+        target.write_text(json.dumps(nb, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        copies.append(target)
+    return copies
 
 
 def install_mathjax(extra_dir: Path = BOOK / "_mathjax", build_dir: Path = MATHJAX_BUILD) -> Path:

@@ -124,6 +124,14 @@ class BookRun:
             raw["methods"] = [{"name": name, "params": dict(params)} for name, params in methods]
         return experiment.config_from_dict(raw)
 
+    def subset(self, n_images: int | None) -> BookRun:
+        """The same run on ``n_images`` images (``None``: unchanged), sharing the store: used by the
+        chapters that rerun a method many times (the N sweep, the protocol variants)."""
+        if n_images is None or n_images == self.config.data.num_images:
+            return self
+        config = self.variant({"data.num_images": int(n_images)})
+        return BookRun(self.profile, config, self.store, self.data_root, self.device)
+
     def method_params(self, name: str) -> dict[str, Any]:
         """The parameters of method ``name`` in this run's config."""
         for spec in self.config.methods:

@@ -1,0 +1,300 @@
+"""The book, end to end: every notebook runs with papermill on the ``smoke`` profile, the Jupyter Book is
+built (warnings are errors, MathJax served locally), served on 127.0.0.1 and checked in headless Chromium.
+
+In the browser every page of the table of contents must load with no failed request, no HTTP error and
+no request to another host; every figure must be a decoded image laid out on the page; every table must
+have rows; MathJax must have typeset the formulas; and every number a chapter glues into its prose must
+appear, formatted as the prose asks, in the page's text.
+
+The build happens in a temporary copy of ``book/`` with its own results store, so running the tests never
+touches a user's ``book/_build`` or ``results/``. Chromium is Debian's (``/usr/bin/chromium``, installed by
+``make test``); Playwright never downloads a browser here.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import importlib.util
+import json
+import re
+import shutil
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+pytestmark = pytest.mark.book
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+GLUE_ROLE = re.compile(r"\{glue:text\}`([^`]+)`")
+
+
+def _load_build_module():
+    spec = importlib.util.spec_from_file_location("iscam_book_build", REPO / "book" / "build.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+build = _load_build_module()
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers (plain functions, unit-tested below without a browser)
+# ------------------------------------------------------------------------------------------------
+
+def toc_pages(toc_file: Path) -> list[str]:
+    """Document names of ``_toc.yml`` (root first), e.g. ``["intro", "chapters/01-pipeline", ...]``."""
+    import yaml
+
+    toc = yaml.safe_load(toc_file.read_text(encoding="utf-8"))
+    pages = [toc["root"]]
+    for part in toc.get("parts", [{"chapters": toc.get("chapters", [])}]):
+        pages.extend(entry["file"] for entry in part["chapters"])
+    return pages
+
+
+def glue_values(notebook: Path) -> dict[str, str]:
+    """``key -> text/plain`` of every value a notebook glued (``myst_nb.glue``)."""
+    nb = json.loads(notebook.read_text(encoding="utf-8"))
+    values: dict[str, str] = {}
+    for cell in nb["cells"]:
+        for output in cell.get("outputs", []):
+            record = output.get("metadata", {}).get("scrapbook", {})
+            mime = record.get("mime_prefix", "") + "text/plain"
+            if "name" in record and mime in output.get("data", {}):
+                values[record["name"]] = "".join(output["data"][mime])
+    return values
+
+
+def glue_references(text: str) -> list[tuple[str | None, str, str]]:
+    """(document or None, key, format spec) of every ``{glue:text}`` role in markdown text."""
+    found = []
+    for content in GLUE_ROLE.findall(text):
+        document, _, rest = content.rpartition("::") if "::" in content else (None, "", content)
+        key, _, spec = rest.partition(":")
+        found.append((document or None, key, spec))
+    return found
+
+
+def expected_glue_texts(book_dir: Path, page: str) -> list[str]:
+    """The strings the glue roles of ``page`` must render to (formatted as myst-nb does)."""
+    from myst_nb.core.variables import format_plain_text
+
+    source = book_dir / (page + (".ipynb" if (book_dir / f"{page}.ipynb").exists() else ".md"))
+    if source.suffix == ".ipynb":
+        nb = json.loads(source.read_text(encoding="utf-8"))
+        text = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    else:
+        text = source.read_text(encoding="utf-8")
+    texts = []
+    for document, key, spec in glue_references(text):
+        glued_in = source if document is None else (source.parent / document)
+        values = glue_values(glued_in)
+        assert key in values, f"{page} glues {key!r}, which {glued_in.name} does not define"
+        texts.append(format_plain_text(values[key], spec))
+    return texts
+
+
+@pytest.fixture(scope="module")
+def book_html(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run every notebook on the smoke profile and build the book, in a temporary copy of book/."""
+    work = tmp_path_factory.mktemp("book")
+    book_dir = work / "book"
+    shutil.copytree(REPO / "book", book_dir,
+                    ignore=shutil.ignore_patterns("_build", "chapters", "_mathjax", "__pycache__"))
+    shutil.copy2(REPO / "CITATION.cff", work / "CITATION.cff")  # the citation page includes ../CITATION.cff
+    executed = work / "executed"
+    results = work / "results"
+    # A short N sweep and few images for the map similarity keep the smoke build within a few minutes.
+    build.run_notebooks("smoke", {"results": str(results), "N_values": [1, 3], "similarity_images": 2},
+                        output_dir=executed)
+    build.copy_chapters(executed, book_dir / "chapters")
+    build.install_mathjax(book_dir / "_mathjax")
+    return build.build_html(book_dir)
+
+
+@pytest.fixture(scope="module")
+def server(book_html: Path) -> Iterator[str]:
+    """The built book on http://127.0.0.1:<random port>/ (a thread of this process)."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+            pass
+
+    handler = functools.partial(Quiet, directory=str(book_html))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.is_file():
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# the browser test
+# ------------------------------------------------------------------------------------------------
+
+def test_every_page_loads_offline_with_figures_tables_math_and_glued_numbers(book_html, server, browser):
+    book_dir = book_html.parents[1]
+    pages = toc_pages(book_dir / "_toc.yml")
+    assert len(pages) >= 12, pages
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    problems: list[str] = []
+    try:
+        for page_name in pages:
+            page = context.new_page()
+            failed: list[str] = []
+            page.on("requestfailed", lambda r, f=failed: f.append(f"failed {r.url} ({r.failure})"))
+            page.on("response", lambda r, f=failed: f.append(f"HTTP {r.status} {r.url}") if r.status >= 400 else None)
+
+            def check_host(request, f=failed):
+                url = urlparse(request.url)
+                if url.scheme not in ("data", "blob", "about") and url.hostname != "127.0.0.1":
+                    f.append(f"request to another host: {request.url}")
+
+            page.on("request", check_host)
+            response = page.goto(server + page_name + ".html", wait_until="networkidle")
+            assert response is not None and response.status == 200, f"{page_name}: {response}"
+            main = page.locator("main#main-content article")
+            assert main.count() == 1, f"{page_name}: no article element"
+
+            images = page.locator("article img")
+            for i in range(images.count()):
+                image = images.nth(i)
+                image.scroll_into_view_if_needed()
+                state = image.evaluate(
+                    "img => img.decode().then(() => ({w: img.naturalWidth, h: img.naturalHeight,"
+                    " box: img.getBoundingClientRect().toJSON(), src: img.getAttribute('src')}))"
+                )
+                if not (state["w"] > 0 and state["box"]["width"] > 0 and state["box"]["height"] > 0):
+                    problems.append(f"{page_name}: image {state['src']} not visible ({state})")
+
+            tables = page.locator("article table")
+            for i in range(tables.count()):
+                rows = tables.nth(i).locator("tbody tr").count()
+                if rows == 0:
+                    problems.append(f"{page_name}: table {i + 1} has no rows")
+
+            if page.locator("article .math").count():
+                page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise")
+                page.evaluate("() => MathJax.startup.promise")
+                if page.locator("article mjx-container").count() == 0:
+                    problems.append(f"{page_name}: MathJax did not typeset the formulas")
+
+            text = " ".join(main.inner_text().split())
+            for expected in expected_glue_texts(book_dir, page_name):
+                if " ".join(expected.split()) not in text:
+                    problems.append(f"{page_name}: glued value {expected!r} is not in the page text")
+
+            page.wait_for_load_state("networkidle")
+            problems.extend(f"{page_name}: {item}" for item in failed)
+            page.close()
+    finally:
+        context.close()
+    assert not problems, "\n".join(problems)
+
+
+def test_built_book_loads_nothing_from_other_hosts(book_html):
+    assert build.external_references(book_html) == []
+    assert (book_html / "_static" / "mathjax" / "tex-chtml.js").is_file()
+
+
+def test_every_chapter_states_its_profile_model_weights_and_images(book_html):
+    for page in sorted((book_html / "chapters").glob("*.html")):
+        text = page.read_text(encoding="utf-8")
+        banner = re.search(r'class="[^"]*iscam-banner[^"]*".*?</div>', text, re.DOTALL)
+        assert banner, f"{page.name} has no provenance banner"
+        words = re.sub(r"<[^>]+>", " ", banner.group(0))
+        for label in ("profile", "model", "weights", "images"):
+            assert label in words, f"{page.name}: the banner does not state the {label}: {words!r}"
+        assert "smoke" in words, f"{page.name}: the banner does not name the smoke profile: {words!r}"
+
+
+# ------------------------------------------------------------------------------------------------
+# unit tests of the helpers and of book/build.py (no browser, no notebook run)
+# ------------------------------------------------------------------------------------------------
+
+def test_glue_references_parse_document_key_and_format():
+    text = "a {glue:text}`ins_iscam:.2f` b {glue:text}`chapters/x.ipynb::profile:s` c {glue:text}`n`"
+    assert glue_references(text) == [(None, "ins_iscam", ".2f"), ("chapters/x.ipynb", "profile", "s"),
+                                     (None, "n", "")]
+
+
+def test_external_references_flag_loaded_resources_but_not_links(tmp_path):
+    (tmp_path / "a.html").write_text(
+        '<a href="https://arxiv.org/abs/2010.03023">paper</a>'
+        '<link rel="canonical" href="https://example.org/x.html">'
+        '<script src="_static/local.js"></script>'
+        '<script src="https://cdn.example.org/mathjax.js"></script>'
+        '<link rel="stylesheet" href="//fonts.example.org/f.css">'
+        '<img src="../_images/f.png">',
+        encoding="utf-8",
+    )
+    (tmp_path / "s.css").write_text("@font-face{src:url('https://fonts.example.org/a.woff2')}"
+                                    "b{background:url(data:image/png;base64,AA==)} i{src:url(x.woff)}",
+                                    encoding="utf-8")
+    assert build.external_references(tmp_path) == [
+        ("a.html", "https://cdn.example.org/mathjax.js"),
+        ("a.html", "//fonts.example.org/f.css"),
+        ("s.css", "https://fonts.example.org/a.woff2"),
+    ]
+
+
+def test_declared_parameters_reads_the_tagged_cell(tmp_path):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("profile = 'quick'\nN: int | None = None\nn_images = 20  # few\n")
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_code_cell("x = 1"), cell]
+    path = tmp_path / "01-x.ipynb"
+    nbformat.write(nb, path)
+    assert build.declared_parameters(path) == {"profile": "quick", "N": None, "n_images": 20}
+    nb.cells = nb.cells[:1]
+    nbformat.write(nb, path)
+    with pytest.raises(build.BuildError, match="no cell tagged 'parameters'"):
+        build.declared_parameters(path)
+
+
+def test_every_committed_notebook_has_parameters_and_no_outputs():
+    notebooks = build.notebook_paths()
+    assert [p.name for p in notebooks][-1] == "09-provenance.ipynb"
+    pages = {Path(p).name for p in toc_pages(REPO / "book" / "_toc.yml")}
+    for path in notebooks:
+        assert path.stem in pages, f"{path.name} is not in book/_toc.yml"
+        declared = build.declared_parameters(path)
+        for name in ("profile", "n_images", "N", "sigma", "seed", "data_root", "device", "results"):
+            assert name in declared, f"{path.name}: parameter {name!r} missing from the parameters cell"
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        for cell in nb["cells"]:
+            if cell["cell_type"] == "code":
+                assert cell.get("outputs") == [] and cell.get("execution_count") is None, \
+                    f"{path.name} is committed with outputs: clear them (papermill writes executed copies)"
