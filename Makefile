@@ -54,8 +54,10 @@ BOOK_PARAMS = $(if $(N),-p N $(N)) $(if $(IMAGES),-p n_images $(IMAGES)) $(if $(
 book: $(VENV)/.stamp-book ## run the notebooks on PROFILE=quick (or N=, IMAGES=, ...) and build book/_build/html
 	$(PY) book/build.py --profile $(PROFILE) $(BOOK_FLAGS) $(BOOK_PARAMS)
 
+# The N sweep and the protocol variants rerun IS-CAM many times: on 500 of the 2000 images for the paper.
+REPRODUCE_PARAMS ?= -p sweep_images 500 -p variant_images 500
 reproduce: $(VENV)/.stamp-book ## the paper's profiles (VGG-16, ResNet-18, SqueezeNet1.0; 2000 images; GPU), then the book
-	$(PY) book/build.py --profile $(PAPER_PROFILES) $(BOOK_FLAGS) $(BOOK_PARAMS)
+	$(PY) book/build.py --profile $(PAPER_PROFILES) $(BOOK_FLAGS) $(REPRODUCE_PARAMS) $(BOOK_PARAMS)
 
 test: $(VENV)/.stamp-book $(CHROMIUM) ## set up .venv if needed and run the test suite (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS)
