@@ -69,9 +69,10 @@ def test_unknown_architecture_needs_a_layer_but_random_does_not(tiny_cnn: nn.Mod
 
 
 def test_layer_may_be_given_as_a_module(tiny_cnn: nn.Module) -> None:
-    with methods.ScoreCAM(tiny_cnn, tiny_cnn.features[4]) as by_module, methods.ScoreCAM(
-        tiny_cnn, "features.4"
-    ) as by_name:
+    with (
+        methods.ScoreCAM(tiny_cnn, tiny_cnn.features[4]) as by_module,
+        methods.ScoreCAM(tiny_cnn, "features.4") as by_name,
+    ):
         assert by_module.target_layer == "features.4"
         torch.testing.assert_close(by_module(batch()), by_name(batch()), rtol=0, atol=0)
 
@@ -147,7 +148,9 @@ def test_bad_constructor_arguments(tiny_cnn: nn.Module) -> None:
         methods.ISCAM(tiny_cnn, "features.4", N=2.5)
     with pytest.raises(ValueError, match="sigma must be >= 0, got -1"):
         methods.SSCAM(tiny_cnn, "features.4", sigma=-1.0)
-    with pytest.raises(ValueError, match="unknown schedule 'cumulative'; valid: 'authors', 'paper', 'linear'"):
+    with pytest.raises(
+        ValueError, match="unknown schedule 'cumulative'; valid: 'authors', 'paper', 'linear'"
+    ):
         methods.ISCAM(tiny_cnn, "features.4", schedule="cumulative")
     with pytest.raises(ValueError, match="unknown protocol 'pytorch-grad-cam'; valid: 'authors', 'torchcam'"):
         methods.ScoreCAM(tiny_cnn, "features.4", protocol="pytorch-grad-cam")
@@ -189,7 +192,9 @@ def test_bad_call_arguments(tiny_cnn: nn.Module, name: str) -> None:
         with pytest.raises(TypeError, match="target must be None, an int"):
             cam(batch(), "cat")  # type: ignore[arg-type]
         if name != "random":  # the baseline never runs the model, so it cannot know the class count
-            with pytest.raises(ValueError, match=r"target class 5 is out of range: the model has 5 classes \(0..4\)"):
+            with pytest.raises(
+                ValueError, match=r"target class 5 is out of range: the model has 5 classes \(0..4\)"
+            ):
                 cam(batch(), 5)
 
 
@@ -245,8 +250,9 @@ def test_training_flags_and_requires_grad_are_restored(tiny_cnn: nn.Module, name
 
 def test_score_methods_run_the_model_in_eval_mode(tiny_cnn: nn.Module) -> None:
     """Dropout in training mode would make every masked forward random; eval mode makes it repeatable."""
-    model = nn.Sequential(tiny_cnn.features, nn.Dropout2d(0.5), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          tiny_cnn.classifier)
+    model = nn.Sequential(
+        tiny_cnn.features, nn.Dropout2d(0.5), nn.AdaptiveAvgPool2d(1), nn.Flatten(), tiny_cnn.classifier
+    )
     model.train()
     with methods.ScoreCAM(model, "0.4") as cam:
         assert torch.equal(cam(batch()), cam(batch()))

@@ -34,12 +34,12 @@ def images(batch: int = 2, size: int = 64, dtype: torch.dtype = torch.float32) -
 
 
 def reference_gradients(model: nn.Module, layer: nn.Module, x: Tensor, target: Tensor | None = None):
-    """Activation and gradient of the target logit by a full backward with ``retain_grad`` (one image at a time)."""
+    """Activation and gradient of the target logit: a full backward with ``retain_grad``, image by image."""
     activations, gradients, labels = [], [], []
     for b in range(x.shape[0]):
         store: list[Tensor] = []
 
-        def keep(_m: nn.Module, _i: object, out: Tensor) -> None:
+        def keep(_m: nn.Module, _i: object, out: Tensor, store: list[Tensor] = store) -> None:
             out.retain_grad()
             store.append(out)
 
@@ -85,8 +85,9 @@ def test_gradcam_and_gradcampp_match_autograd_reference(resnet: nn.Module) -> No
         target = torch.tensor([3, 8])
         activation, gradient, _ = reference_gradients(model, model.layer3, x, target)
         with methods.GradCAM(model, "layer3") as cam:
-            torch.testing.assert_close(cam(x, target), to_map(gradient.mean((2, 3)), activation, 64).float(),
-                                       rtol=0, atol=1e-5)
+            torch.testing.assert_close(
+                cam(x, target), to_map(gradient.mean((2, 3)), activation, 64).float(), rtol=0, atol=1e-5
+            )
         # Grad-CAM++ written out per channel: alpha = g^2 / (2 g^2 + sum(A) g^3), w = sum alpha relu(g)
         weights = torch.zeros(activation.shape[:2], dtype=torch.float64)
         for b in range(2):
@@ -96,7 +97,9 @@ def test_gradcam_and_gradcampp_match_autograd_reference(resnet: nn.Module) -> No
                 alpha = g**2 / torch.where(denominator != 0, denominator, torch.ones_like(denominator))
                 weights[b, k] = (alpha * torch.relu(g)).sum()
         with methods.GradCAMpp(model, "layer3") as cam:
-            torch.testing.assert_close(cam(x, target), to_map(weights, activation, 64).float(), rtol=0, atol=1e-5)
+            torch.testing.assert_close(
+                cam(x, target), to_map(weights, activation, 64).float(), rtol=0, atol=1e-5
+            )
     finally:
         resnet.float()
 
@@ -108,7 +111,9 @@ def test_gradcampp_alpha_by_hand() -> None:
     torch.testing.assert_close(gradcampp_alpha(activation, grad**2, grad**3), torch.tensor([[[[1.0, 0.0]]]]))
     grad = torch.tensor([[[[2.0, -1.0]]]])
     # pixel 0: 4 / (8 + (-2)(8)) = -0.5; pixel 1: 1 / (2 + (-2)(-1)) = 0.25
-    torch.testing.assert_close(gradcampp_alpha(activation, grad**2, grad**3), torch.tensor([[[[-0.5, 0.25]]]]))
+    torch.testing.assert_close(
+        gradcampp_alpha(activation, grad**2, grad**3), torch.tensor([[[[-0.5, 0.25]]]])
+    )
 
 
 def test_smooth_gradcampp_matches_a_per_sample_loop(resnet: nn.Module) -> None:
@@ -116,17 +121,26 @@ def test_smooth_gradcampp_matches_a_per_sample_loop(resnet: nn.Module) -> None:
     try:
         x = images(batch=2, size=32, dtype=torch.float64)
         n, std, seed = 3, 0.5, 9
-        noise = torch.randn((n, 3, 32, 32), generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * std
+        noise = (
+            torch.randn((n, 3, 32, 32), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+            * std
+        )
         clean_activation, _, labels = reference_gradients(model, model.layer3, x)
         weights = torch.zeros(clean_activation.shape[:2], dtype=torch.float64)
         for b in range(2):
-            grads = [reference_gradients(model, model.layer3, (x[b] + noise[j])[None], torch.tensor([labels[b]]))[1][0]
-                     for j in range(n)]
+            grads = [
+                reference_gradients(model, model.layer3, (x[b] + noise[j])[None], torch.tensor([labels[b]]))[
+                    1
+                ][0]
+                for j in range(n)
+            ]
             g1, g2, g3 = (sum(g**p for g in grads) / n for p in (1, 2, 3))
             alpha = gradcampp_alpha(clean_activation[b], g2, g3)
             weights[b] = (alpha * torch.relu(g1)).sum((1, 2))
         expected = to_map(weights, clean_activation, 32).float()
-        with methods.SmoothGradCAMpp(model, "layer3", n_samples=n, noise_std=std, seed=seed, batch_size=4) as cam:
+        with methods.SmoothGradCAMpp(
+            model, "layer3", n_samples=n, noise_std=std, seed=seed, batch_size=4
+        ) as cam:
             torch.testing.assert_close(cam(x), expected, rtol=0, atol=1e-5)
             assert cam.forward_count == 2 + 2 * n
     finally:
@@ -135,9 +149,9 @@ def test_smooth_gradcampp_matches_a_per_sample_loop(resnet: nn.Module) -> None:
 
 def test_smooth_gradcampp_without_noise_is_gradcampp(resnet: nn.Module) -> None:
     x = images()
-    with methods.SmoothGradCAMpp(resnet, "layer3", n_samples=1, noise_std=0.0) as smooth:
-        with methods.GradCAMpp(resnet, "layer3") as plain:
-            torch.testing.assert_close(smooth(x), plain(x), rtol=0, atol=1e-5)
+    smooth = methods.SmoothGradCAMpp(resnet, "layer3", n_samples=1, noise_std=0.0)
+    with smooth, methods.GradCAMpp(resnet, "layer3") as plain:
+        torch.testing.assert_close(smooth(x), plain(x), rtol=0, atol=1e-5)
 
 
 def test_smooth_gradcampp_is_seeded_batch_and_chunk_independent(resnet: nn.Module) -> None:

@@ -40,7 +40,9 @@ def reference(
     for b in range(batch):
         upsampled = []
         for k in range(channels):
-            u = F.interpolate(activation[b : b + 1, k : k + 1], size=size, mode="bilinear", align_corners=False)
+            u = F.interpolate(
+                activation[b : b + 1, k : k + 1], size=size, mode="bilinear", align_corners=False
+            )
             u = u[0, 0]
             upsampled.append(u)
             if u.max() == u.min():
@@ -196,26 +198,35 @@ def test_sscam_matches_reference_loop_on_resnet18(resnet64: nn.Module) -> None:
 
 
 def test_iscam_coefficients_by_hand() -> None:
-    assert iscam_coefficients(10, "authors") == pytest.approx([0.1, 0.3, 0.6, 1.0, 1.5, 2.1, 2.8, 3.6, 4.5, 5.5])
-    assert iscam_coefficients(10, "paper") == pytest.approx([0.0, 0.1, 0.3, 0.6, 1.0, 1.5, 2.1, 2.8, 3.6, 4.5])
+    assert iscam_coefficients(10, "authors") == pytest.approx(
+        [0.1, 0.3, 0.6, 1.0, 1.5, 2.1, 2.8, 3.6, 4.5, 5.5]
+    )
+    assert iscam_coefficients(10, "paper") == pytest.approx(
+        [0.0, 0.1, 0.3, 0.6, 1.0, 1.5, 2.1, 2.8, 3.6, 4.5]
+    )
     assert iscam_coefficients(4, "linear") == pytest.approx([0.25, 0.5, 0.75, 1.0])
 
 
 def test_sscam_without_noise_is_scorecam(tiny64: nn.Module) -> None:
     x = tiny_input()
-    with methods.SSCAM(tiny64, "features.4", N=3, sigma=0.0) as smooth, methods.ScoreCAM(tiny64, "features.4") as plain:
+    with (
+        methods.SSCAM(tiny64, "features.4", N=3, sigma=0.0) as smooth,
+        methods.ScoreCAM(tiny64, "features.4") as plain,
+    ):
         torch.testing.assert_close(smooth.channel_weights(x), plain.channel_weights(x), rtol=0, atol=1e-12)
 
 
 def test_iscam_with_one_linear_step_is_scorecam(tiny64: nn.Module) -> None:
     x = tiny_input()
-    with methods.ISCAM(tiny64, "features.4", N=1, schedule="linear") as integrated:
-        with methods.ScoreCAM(tiny64, "features.4") as plain:
-            torch.testing.assert_close(integrated(x), plain(x), rtol=0, atol=0)
+    integrated = methods.ISCAM(tiny64, "features.4", N=1, schedule="linear")
+    with integrated, methods.ScoreCAM(tiny64, "features.4") as plain:
+        torch.testing.assert_close(integrated(x), plain(x), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------- TorchCAM 0.5.0
-def torchcam_weights(extractor_cls: type, model: nn.Module, layer: str, x: Tensor, **kwargs: object) -> Tensor:
+def torchcam_weights(
+    extractor_cls: type, model: nn.Module, layer: str, x: Tensor, **kwargs: object
+) -> Tensor:
     with extractor_cls(model, layer, input_shape=tuple(x.shape[1:]), **kwargs) as extractor:
         with torch.no_grad():
             logits = model(x)
@@ -282,9 +293,11 @@ def test_batched_equals_single_and_chunk_sizes_agree(tiny_cnn: nn.Module, make: 
 
 def test_sscam_is_repeatable_and_seed_dependent(tiny_cnn: nn.Module) -> None:
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    with methods.SSCAM(tiny_cnn, "features.4", N=3, seed=1) as first, methods.SSCAM(
-        tiny_cnn, "features.4", N=3, seed=1
-    ) as again, methods.SSCAM(tiny_cnn, "features.4", N=3, seed=2) as other:
+    with (
+        methods.SSCAM(tiny_cnn, "features.4", N=3, seed=1) as first,
+        methods.SSCAM(tiny_cnn, "features.4", N=3, seed=1) as again,
+        methods.SSCAM(tiny_cnn, "features.4", N=3, seed=2) as other,
+    ):
         a, b, c = first.channel_weights(x), again.channel_weights(x), other.channel_weights(x)
         assert torch.equal(a, b)
         assert torch.equal(first.channel_weights(x), a)  # calls do not consume randomness
@@ -306,7 +319,7 @@ def test_forward_count_counts_clean_and_masked_images(tiny_cnn: nn.Module) -> No
 
 # ---------------------------------------------------------------------------- skipping and deduplication
 class Redundant(nn.Module):
-    """TinyCNN whose target layer ("mix") repeats channels 0 and 1, and adds an all-zero and a constant one."""
+    """TinyCNN whose target layer ("mix") repeats channels 0 and 1 and adds an all-zero and a constant one."""
 
     def __init__(self) -> None:
         super().__init__()

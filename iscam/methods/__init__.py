@@ -25,14 +25,14 @@ from iscam.methods.score import ISCAM, SSCAM, ScoreCAM, iscam_coefficients
 
 __all__ = [
     "CAM",
-    "GradCAM",
-    "GradCAMpp",
     "ISCAM",
     "METHODS",
     "METHOD_NAMES",
     "PAPER_NAMES",
-    "RandomCAM",
     "SSCAM",
+    "GradCAM",
+    "GradCAMpp",
+    "RandomCAM",
     "ScoreCAM",
     "SmoothGradCAMpp",
     "default_target_layer",

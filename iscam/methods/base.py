@@ -10,13 +10,16 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from iscam.layers import DEFAULT_TARGET_LAYERS, layer_name, resolve_layer
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = [
     "AMP_MODES",
@@ -69,14 +72,14 @@ def _resnet_depth(model: nn.Module) -> int | None:
 
 
 def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize of ``[B, K, h, w]`` maps to ``size`` with ``align_corners=False`` (the authors' setting)."""
+    """Bilinear resize of ``[B, K, h, w]`` maps to ``size``, ``align_corners=False`` (the authors' setting)."""
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
     return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
 def minmax_normalize(maps: Tensor, dims: tuple[int, ...] = (-2, -1)) -> Tensor:
-    """``(m - min) / (max - min)`` over ``dims``; a constant map (e.g. all zero) becomes all zero, never NaN."""
+    """``(m - min) / (max - min)`` over ``dims``; a constant map (e.g. all zero) becomes zero, never NaN."""
     low = maps.amin(dim=dims, keepdim=True)
     span = maps.amax(dim=dims, keepdim=True) - low
     safe = torch.where(span > 0, span, torch.ones_like(span))
@@ -174,7 +177,7 @@ class CAM(ABC):
         self._remove_hooks()
         self._closed = True
 
-    def __enter__(self) -> CAM:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -207,7 +210,9 @@ class CAM(ABC):
         if x.ndim != 4:
             raise ValueError(f"x must be a 4-D batch [B, 3, H, W], got shape {tuple(x.shape)}")
         if x.shape[1] != 3:
-            raise ValueError(f"x must have 3 colour channels (shape [B, 3, H, W]), got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have 3 colour channels (shape [B, 3, H, W]), got shape {tuple(x.shape)}"
+            )
         if x.shape[0] == 0:
             raise ValueError("x is an empty batch")
         if not x.is_floating_point():
@@ -255,7 +260,9 @@ class CAM(ABC):
             self._handles.remove(handle)
         self.forward_count += x.shape[0]
         if not isinstance(logits, Tensor) or logits.ndim != 2:
-            raise TypeError(f"the model must return logits [B, classes], got {getattr(logits, 'shape', logits)}")
+            raise TypeError(
+                f"the model must return logits [B, classes], got {getattr(logits, 'shape', logits)}"
+            )
         if not captured:
             raise RuntimeError(f"target layer {self.target_layer!r} was not called during the forward pass")
         return logits, captured[-1]
@@ -271,13 +278,15 @@ class CAM(ABC):
         low, high = int(indices.min()), int(indices.max())
         if low < 0 or high >= classes:
             bad = low if low < 0 else high
-            raise ValueError(f"target class {bad} is out of range: the model has {classes} classes (0..{classes - 1})")
+            raise ValueError(
+                f"target class {bad} is out of range: the model has {classes} classes (0..{classes - 1})"
+            )
         return indices
 
     def _default_batch_size(self, device: torch.device) -> int:
         if self.batch_size is not None:
             return self.batch_size
-        return 512 if device.type == "cuda" else 64
+        return 512 if device.type == "cuda" else 32
 
     def _run_chunks(self, total: int, device: torch.device, step: Callable[[slice], None]) -> None:
         """Call ``step(rows)`` over ``range(total)`` in chunks of the batch size.
@@ -323,7 +332,8 @@ def _target_indices(target: int | Sequence[int] | Tensor, batch: int) -> Tensor:
         indices = torch.tensor(list(target), dtype=torch.long)
     else:
         raise TypeError(
-            f"target must be None, an int, a sequence of ints or a LongTensor [B], got {type(target).__name__}"
+            "target must be None, an int, a sequence of ints or a LongTensor [B], "
+            f"got {type(target).__name__}"
         )
     if indices.shape[0] != batch:
         raise ValueError(f"target has {indices.shape[0]} entries but the batch has {batch} images")

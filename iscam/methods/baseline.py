@@ -15,8 +15,9 @@ class RandomCAM(CAM):
 
     Maps come from a CPU ``torch.Generator`` seeded once with ``seed`` at construction and advanced by every
     call, so a given seed and sequence of calls always yields the same maps, on any device. The model is
-    never run (``forward_count`` stays 0), so ``target`` is only checked for type, length and sign; ``target_layer``, ``batch_size``, ``amp`` and ``channels_last``
-    are accepted for a uniform interface and ignored.
+    never run (``forward_count`` stays 0), so ``target`` is only checked for type, length and sign;
+    ``target_layer``, ``batch_size``, ``amp`` and ``channels_last`` are accepted for a uniform interface and
+    ignored.
     """
 
     name = "random"

@@ -22,7 +22,7 @@ from iscam.methods.base import (
     upsample,
 )
 
-__all__ = ["GradCAM", "GradCAMpp", "NOISY_TARGETS", "SmoothGradCAMpp", "gradcampp_alpha"]
+__all__ = ["NOISY_TARGETS", "GradCAM", "GradCAMpp", "SmoothGradCAMpp", "gradcampp_alpha"]
 
 #: ``noisy_target=`` choices of Smooth Grad-CAM++.
 NOISY_TARGETS: tuple[str, ...] = ("target", "argmax")
@@ -42,7 +42,7 @@ class _GradientFamily(CAM):
     """Shared forward/backward of the gradient methods; a subclass computes the channel weights."""
 
     def _activation_and_gradient(self, x: Tensor, target: Target) -> tuple[Tensor, Tensor, Tensor]:
-        """Clean forward + backward: (activation ``[B,K,h,w]``, gradient of the target logits, targets ``[B]``)."""
+        """Clean forward + backward: (activation ``[B,K,h,w]``, gradient of the target logits, targets)."""
         with torch.inference_mode(False), torch.enable_grad(), self._autocast(x.device):
             logits, activation = self._hooked_forward(self._layout(x.clone()), grad=True)
             labels = self._resolve_target(target, logits)
@@ -86,8 +86,8 @@ class GradCAMpp(_GradientFamily):
        w_k = \sum_{a,b} \alpha_k(a,b)\,\mathrm{ReLU}(g_k(a,b)) $$
 
     with ``g = dy_c/dA`` the gradient of the target logit. The Grad-CAM++ authors' code passes the logit
-    through ``exp`` first; that multiplies every ``w_k`` of an image by the same positive ``exp(y_c)``, which the
-    final min-max removes, so it is left out (it also overflows float32 for logits above ~88). Zero
+    through ``exp`` first; that multiplies every ``w_k`` of an image by the same positive ``exp(y_c)``, which
+    the final min-max removes, so it is left out (it also overflows float32 for logits above ~88). Zero
     denominators are replaced by 1 (:func:`gradcampp_alpha`).
     """
 
@@ -112,8 +112,8 @@ class SmoothGradCAMpp(_GradientFamily):
 
     where bars are means over the samples and ``A`` is the clean input's activation. Defaults follow the
     IS-CAM authors' notebook: ``n_samples=35``, ``noise_std=4.0`` (TorchCAM uses 4 and 0.3). The noise is
-    drawn on the CPU from ``torch.Generator().manual_seed(seed)`` (``[n_samples, 3, H, W]``, the same draws for
-    every image), so results repeat and do not depend on the batch or the device.
+    drawn on the CPU from ``torch.Generator().manual_seed(seed)`` (``[n_samples, 3, H, W]``, the same draws
+    for every image), so results repeat and do not depend on the batch or the device.
 
     ``noisy_target``: ``"target"`` (default) back-propagates the requested class on every noisy copy;
     ``"argmax"`` back-propagates each noisy copy's own top class, as the authors' notebook does.

@@ -112,11 +112,13 @@ class _ScoreFamily(CAM):
     # Whether duplicate channels must know their representative even without dedup (seeded noise).
     _needs_canonical: ClassVar[bool] = False
 
-    def _perturb(self, images: Tensor, masks: Tensor, rows: Tensor, steps: Tensor, channels: list[int]) -> Tensor:
+    def _perturb(
+        self, images: Tensor, masks: Tensor, rows: Tensor, steps: Tensor, channels: list[int]
+    ) -> Tensor:
         """Perturbed inputs ``[n, 3, H, W]`` of one chunk.
 
-        ``images[p]`` / ``masks[p]`` (``[P, 3, H, W]`` / ``[P, 1, H, W]``) are the chunk's (image, mask) pairs,
-        ``rows[j]`` the pair of row ``j``, ``steps[j]`` its step in ``0..N-1``, ``channels[p]`` the channel of
+        ``images[p]`` / ``masks[p]`` (``[P, 3, H, W]`` / ``[P, 1, H, W]``) are the chunk's (image, mask)
+        pairs, ``rows[j]`` the pair of row ``j``, ``steps[j]`` its step in ``0..N-1``, ``channels[p]`` the channel of
         pair ``p`` (the first channel with the same mask).
         """
         return (images * masks)[rows]
@@ -245,22 +247,22 @@ class _ScoreFamily(CAM):
     def _canonical(masks: Tensor, valid: Tensor) -> Tensor:
         """For each channel, the first channel of the same image with a bit-identical mask (``[G, K]``).
 
-        Channels are grouped by two cheap fingerprints (sum and a weighted sum), then every proposed match
-        is verified element by element, so a fingerprint collision can only cost speed, never change a
+        Channels are grouped by two cheap fingerprints (sum, and sum of the first half), then every proposed
+        match is verified element by element, so a fingerprint collision can only cost speed, never change a
         result. Skipped channels are their own representatives.
         """
         n_images, n_channels = valid.shape
         rows = n_images * n_channels
         flat = masks.reshape(rows, -1)
         index = torch.arange(rows, device=masks.device)
-        probe = torch.linspace(1.0, 2.0, flat.shape[1], device=masks.device, dtype=flat.dtype)
+        # Row reductions treat identical rows identically (a matmul need not: BLAS blocking, TF32).
         total = flat.sum(1, dtype=torch.float64)
-        weighted = (flat @ probe).to(torch.float64)
+        half = flat[:, : flat.shape[1] // 2].sum(1, dtype=torch.float64)
         flat_valid = valid.reshape(rows)
         # A skipped channel gets a unique negative key (valid masks have a sum >= 1).
         total = torch.where(flat_valid, total, -1.0 - index.to(torch.float64))
         image = (index // n_channels).to(torch.float64)
-        _, inverse = torch.unique(torch.stack([image, total, weighted], 1), dim=0, return_inverse=True)
+        _, inverse = torch.unique(torch.stack([image, total, half], 1), dim=0, return_inverse=True)
         first = torch.full((rows,), rows, dtype=torch.long, device=masks.device)
         first = first.scatter_reduce(0, inverse, index, reduce="amin")
         representative = first[inverse]
@@ -277,7 +279,8 @@ class _ScoreFamily(CAM):
 class ScoreCAM(_ScoreFamily):
     r"""Score-CAM (Wang et al., CVPR-W 2020, https://arxiv.org/abs/1910.01279).
 
-    $$ \alpha_k = p_c(X \odot M_k), \qquad L = \mathrm{minmax}\big(\mathrm{ReLU}(\textstyle\sum_k \alpha_k U_k)\big) $$
+    $$ \alpha_k = p_c(X \odot M_k), \qquad
+       L = \mathrm{minmax}\big(\mathrm{ReLU}(\textstyle\sum_k \alpha_k U_k)\big) $$
 
     with ``U_k`` the upsampled activation map of channel ``k``, ``M_k`` its min-max normalisation, ``X`` the
     normalised input (so masking moves pixels towards the mean colour) and ``p_c`` the softmax probability of
@@ -344,7 +347,9 @@ class ISCAM(_ScoreFamily):
             channels_last=channels_last,
         )
 
-    def _perturb(self, images: Tensor, masks: Tensor, rows: Tensor, steps: Tensor, channels: list[int]) -> Tensor:
+    def _perturb(
+        self, images: Tensor, masks: Tensor, rows: Tensor, steps: Tensor, channels: list[int]
+    ) -> Tensor:
         scales = self._scales.get((images.dtype, images.device))
         if scales is None:  # one host-to-device copy per dtype and device, not one per chunk
             scales = torch.tensor(self.coefficients, dtype=images.dtype, device=images.device)
@@ -370,13 +375,13 @@ class SSCAM(_ScoreFamily):
       ``x = X * M_k`` (they rescale sigma by the masked input's range, then pass that as the *variance* to
       ``normal_``); a masked input of zero range gets no noise.
 
-    ``N = 35`` follows the authors' notebook (the paper's text says N = 15 for its experiments: pass ``N=15``).
+    ``N = 35`` follows the authors' notebook (the paper's text says N = 15 for its experiments: ``N=15``).
     Noise is drawn on ``x.device`` by a ``torch.Generator`` seeded with :func:`sscam_noise_seed(seed, k)
     <sscam_noise_seed>` for each channel ``k`` (``N`` tensors of shape ``[3, H, W]``), so the result
     is repeatable and does not depend on the batch size, on the other images in the batch or on
     deduplication (channels with identical masks share their representative's noise). With
-    ``protocol="torchcam"`` the noise (std ``sigma``, shape ``[1, H, W]``) is added to the upsampled mask as in
-    TorchCAM, scores are logit differences and weights a softmax across channels.
+    ``protocol="torchcam"`` the noise (std ``sigma``, shape ``[1, H, W]``) is added to the upsampled mask as
+    in TorchCAM, scores are logit differences and weights a softmax across channels.
 
     Args:
         model, target_layer, batch_size, amp, channels_last: see :class:`iscam.methods.base.CAM`.
@@ -429,10 +434,14 @@ class SSCAM(_ScoreFamily):
         draws = []
         for channel in channels:
             generator.manual_seed(sscam_noise_seed(self.seed, channel))
-            draws.append(torch.randn((self.N, *shape), generator=generator, device=like.device, dtype=like.dtype))
+            draws.append(
+                torch.randn((self.N, *shape), generator=generator, device=like.device, dtype=like.dtype)
+            )
         return torch.stack(draws)
 
-    def _perturb(self, images: Tensor, masks: Tensor, rows: Tensor, steps: Tensor, channels: list[int]) -> Tensor:
+    def _perturb(
+        self, images: Tensor, masks: Tensor, rows: Tensor, steps: Tensor, channels: list[int]
+    ) -> Tensor:
         height, width = images.shape[-2:]
         if self.protocol == "torchcam":
             noise = self._noise(channels, (1, height, width), images)[rows, steps]
@@ -446,5 +455,6 @@ class SSCAM(_ScoreFamily):
         return masked + std.view(-1, 1, 1, 1) * noise
 
     def _extra_repr(self) -> str:
-        return f"{super()._extra_repr()}, N={self.N}, sigma={self.sigma}, noise={self.noise!r}, seed={self.seed}"
-
+        return (
+            f"{super()._extra_repr()}, N={self.N}, sigma={self.sigma}, noise={self.noise!r}, seed={self.seed}"
+        )
