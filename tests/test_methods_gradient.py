@@ -121,19 +121,15 @@ def test_smooth_gradcampp_matches_a_per_sample_loop(resnet: nn.Module) -> None:
     try:
         x = images(batch=2, size=32, dtype=torch.float64)
         n, std, seed = 3, 0.5, 9
-        noise = (
-            torch.randn((n, 3, 32, 32), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-            * std
-        )
+        # the documented noise: float32 draws from a CPU generator seeded with `seed`, whatever x's dtype
+        noise = torch.randn((n, 3, 32, 32), generator=torch.Generator().manual_seed(seed)).double() * std
         clean_activation, _, labels = reference_gradients(model, model.layer3, x)
         weights = torch.zeros(clean_activation.shape[:2], dtype=torch.float64)
         for b in range(2):
-            grads = [
-                reference_gradients(model, model.layer3, (x[b] + noise[j])[None], torch.tensor([labels[b]]))[
-                    1
-                ][0]
-                for j in range(n)
-            ]
+            grads = []
+            for j in range(n):
+                noisy = (x[b] + noise[j])[None]
+                grads.append(reference_gradients(model, model.layer3, noisy, torch.tensor([labels[b]]))[1][0])
             g1, g2, g3 = (sum(g**p for g in grads) / n for p in (1, 2, 3))
             alpha = gradcampp_alpha(clean_activation[b], g2, g3)
             weights[b] = (alpha * torch.relu(g1)).sum((1, 2))

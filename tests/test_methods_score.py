@@ -384,3 +384,27 @@ def test_all_constant_activation_gives_an_all_zero_map() -> None:
             saliency = cam(x)
             assert torch.equal(saliency, torch.zeros(2, 8, 8))
             assert cam.last_stats["skipped_constant"] == 8 and cam.last_stats["forwards"] == 2
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_result(tiny_cnn: nn.Module) -> None:
+    """A CUDA out-of-memory error (simulated on the CPU) halves the chunk and retries the same rows."""
+
+    class Fussy(nn.Module):
+        def __init__(self, model: nn.Module, limit: int) -> None:
+            super().__init__()
+            self.model, self.limit, self.refused = model, limit, 0
+
+        def forward(self, x: Tensor) -> Tensor:
+            if x.shape[0] > self.limit:
+                self.refused += 1
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return self.model(x)
+
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with methods.ISCAM(tiny_cnn, "features.4", N=5) as plain:
+        expected = plain.channel_weights(x)
+    fussy = Fussy(tiny_cnn, limit=7)
+    with methods.ISCAM(fussy, "model.features.4", N=5, batch_size=64) as cam:
+        torch.testing.assert_close(cam.channel_weights(x), expected, rtol=0, atol=1e-6)
+        assert cam.batch_size == 4 and fussy.refused == 4  # 64 -> 32 -> 16 -> 8 -> 4
+        assert cam.forward_count == plain.forward_count  # refused chunks are not counted

@@ -112,8 +112,8 @@ class SmoothGradCAMpp(_GradientFamily):
 
     where bars are means over the samples and ``A`` is the clean input's activation. Defaults follow the
     IS-CAM authors' notebook: ``n_samples=35``, ``noise_std=4.0`` (TorchCAM uses 4 and 0.3). The noise is
-    drawn on the CPU from ``torch.Generator().manual_seed(seed)`` (``[n_samples, 3, H, W]``, the same draws
-    for every image), so results repeat and do not depend on the batch or the device.
+    drawn in float32 on the CPU from ``torch.Generator().manual_seed(seed)`` (``[n_samples, 3, H, W]``, the same
+    draws for every image), so results repeat and do not depend on the batch, the device or the dtype.
 
     ``noisy_target``: ``"target"`` (default) back-propagates the requested class on every noisy copy;
     ``"argmax"`` back-propagates each noisy copy's own top class, as the authors' notebook does.
@@ -150,8 +150,9 @@ class SmoothGradCAMpp(_GradientFamily):
         labels = self._resolve_target(target, logits)
         batch, samples = x.shape[0], self.n_samples
         generator = torch.Generator().manual_seed(self.seed)
-        noise = torch.randn((samples, *x.shape[1:]), generator=generator, dtype=x.dtype).to(x.device)
-        noise.mul_(self.noise_std)
+        # float32 draws on the CPU whatever x is, so float64 tests and CUDA runs see the same noise
+        noise = torch.randn((samples, *x.shape[1:]), generator=generator, dtype=torch.float32)
+        noise = noise.to(device=x.device, dtype=x.dtype).mul_(self.noise_std)
         dtype = torch.promote_types(activation.dtype, torch.float32)
         moments = torch.zeros((3, *activation.shape), dtype=dtype, device=x.device)  # sums of g, g^2, g^3
 
