@@ -84,11 +84,13 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 #: methods whose maps depend on random numbers: run one image at a time under :func:`image_seed`.
 STOCHASTIC_METHODS = frozenset({"sscam", "smoothgradcampp", "random"})
 #: method keyword arguments that change speed/memory, never the result: kept out of ``params_key``.
-_EXECUTION_PARAMS = frozenset({"batch_size", "amp", "device", "seed", "generator", "channels_last", "dedup"})
+_EXECUTION_PARAMS = frozenset(
+    {"batch_size", "amp", "device", "seed", "generator", "channels_last", "dedup", "compile"}
+)
 #: ... of which these are set by the runner itself (from batch_size, precision and seed in the config).
 _RUNNER_PARAMS = frozenset({"batch_size", "amp", "device", "seed", "generator"})
 _DEVICES = ("auto", "cpu", "cuda")
-_PRECISIONS = ("fp32", "bf16")
+_PRECISIONS = ("fp32", "bf16", "fp16")
 _RESIZES = ("crop", "stretch")
 _METRIC_PARAMS: dict[str, frozenset[str]] = {
     "insertion": frozenset({"step", "substrate"}),
@@ -700,10 +702,10 @@ class _Method:
             self.kwargs["batch_size"] = forward_batch
         if config.channels_last and "channels_last" in accepted:
             self.kwargs["channels_last"] = True
-        if config.precision == "bf16":
+        if config.precision != "fp32":
             if "amp" not in accepted:
-                raise ConfigError(f"method {spec.name!r} has no bf16 support (no 'amp' parameter)")
-            self.kwargs["amp"] = "bf16"
+                raise ConfigError(f"method {spec.name!r} has no {config.precision} support (no 'amp' parameter)")
+            self.kwargs["amp"] = config.precision
         self.seed_param = "seed" in accepted
         self.cam: Any = None
 

@@ -178,4 +178,6 @@ def load(
         preprocess = Preprocess(224, resize, IMAGENET_MEAN, IMAGENET_STD)
     target_layer = DEFAULT_TARGET_LAYERS[name]
     resolve_layer(model, target_layer)  # fails loudly if an architecture and its default ever drift apart
+    # lets the methods find the layer from the model alone (methods.get(name, model) with no layer)
+    model.default_target_layer = target_layer
     return LoadedModel(model.to(device).eval(), preprocess, target_layer, imagenet_categories())

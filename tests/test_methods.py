@@ -269,3 +269,30 @@ def test_channels_last_and_bf16_autocast_run(tiny_cnn: nn.Module) -> None:
         weights = cam.channel_weights(x)
         assert weights.dtype == torch.float32
         torch.testing.assert_close(weights, reference, rtol=0, atol=5e-2)  # bfloat16 keeps ~3 digits
+    with methods.ISCAM(tiny_cnn, "features.4", N=2, amp="fp16") as cam:
+        half = cam.channel_weights(x)
+        assert half.dtype == torch.float32
+        # float16 keeps 3 more mantissa bits than bfloat16: closer to float32
+        assert (half - reference).abs().max() <= (weights - reference).abs().max()
+        torch.testing.assert_close(half, reference, rtol=0, atol=1e-2)
+
+
+def test_compile_routes_only_the_perturbed_forwards_through_torch_compile(
+    tiny_cnn: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compiled_models: list[nn.Module] = []
+    real_compile = torch.compile
+
+    def eager_compile(model: nn.Module, **kwargs):  # dynamo tracing without inductor's minute of codegen
+        compiled_models.append(model)
+        return real_compile(model, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    x = batch()
+    with methods.ISCAM(tiny_cnn, "features.4", N=3) as exact:
+        reference = exact.channel_weights(x)
+    with methods.ISCAM(tiny_cnn, "features.4", N=3, compile=True, batch_size=4) as cam:
+        torch.testing.assert_close(cam.channel_weights(x), reference, rtol=0, atol=1e-6)
+        cam.channel_weights(x)  # the compiled model is built once and reused
+        assert cam.forward_count == exact.forward_count * 2
+    assert compiled_models == [tiny_cnn]

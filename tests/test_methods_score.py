@@ -91,7 +91,7 @@ def sscam_inputs(n: int, sigma: float, seed: int, noise: str, masks_seen: dict[i
         source = next((j for j, seen in sorted(masks_seen.items()) if j < k and torch.equal(seen, mask)), k)
         masks_seen[k] = mask
         generator = torch.Generator().manual_seed(sscam_noise_seed(seed, source))
-        draws = torch.randn((n, *image.shape), generator=generator, dtype=image.dtype)
+        draws = torch.randn((n, *image.shape), generator=generator).to(image.dtype)
         masked = image * mask
         if noise == "sigma":
             std = sigma

@@ -33,15 +33,20 @@ __all__ = [
 #: What ``target`` may be: None (argmax of the clean logits), one class for the whole batch, or one per image.
 Target = int | Sequence[int] | Tensor | None
 
-#: Mixed-precision modes accepted by ``amp=``: None (the input's own dtype) or bfloat16 autocast.
-AMP_MODES: tuple[str | None, ...] = (None, "bf16")
+#: Mixed-precision modes accepted by ``amp=``: None (the input's own dtype), bfloat16 or float16 autocast.
+AMP_MODES: tuple[str | None, ...] = (None, "bf16", "fp16")
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def default_target_layer(model: nn.Module) -> str:
-    """The paper's target layer for ``model``, found from its class (VGG, ResNet-18, SqueezeNet, MobileNetV2).
+    """The paper's target layer for ``model``: its ``default_target_layer`` attribute (set by
+    :func:`iscam.models.load`), else found from its class (VGG, ResNet-18, SqueezeNet, MobileNetV2).
 
     Raises ``ValueError`` when the architecture has no known default, so the caller passes ``target_layer``.
     """
+    declared = getattr(model, "default_target_layer", None)
+    if isinstance(declared, str):  # set by iscam.models.load on every model it returns
+        return declared
     kind = type(model).__name__
     key: str | None = None
     if kind == "VGG":
@@ -108,7 +113,9 @@ class CAM(ABC):
             paper's layer for VGG-16, ResNet-18, SqueezeNet 1.0 and MobileNetV2 and raises otherwise.
         batch_size: images per forward pass for methods that forward many perturbed inputs; ``None`` picks
             one from the device (halved automatically on CUDA out-of-memory).
-        amp: ``None`` or ``"bf16"`` (bfloat16 autocast for the perturbed forwards).
+        amp: ``None``, ``"bf16"`` or ``"fp16"``: autocast of the perturbed forwards to bfloat16 or float16.
+            Both run at the same rate on recent GPUs; float16 keeps 3 more mantissa bits, so its class
+            probabilities, and the Score family's weights, stay closer to float32 (see benchmarks/gpu.py).
         channels_last: convert the model and the perturbed inputs to the channels-last memory layout (faster
             convolutions on recent GPUs; values unchanged).
 
@@ -220,8 +227,8 @@ class CAM(ABC):
         return x
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-        if self.amp == "bf16":
-            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if self.amp is not None:
+            return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[self.amp])
         return contextlib.nullcontext()
 
     def _layout(self, x: Tensor) -> Tensor:
