@@ -1,0 +1,396 @@
+"""How close the Score-CAM family runs to the hardware floor, measured against TorchCAM in the same run.
+
+For each model (VGG-16, ResNet-18, SqueezeNet1.0 with random weights; the Coral MobileNetV2 with its real
+ImageNet weights on real sample images) the script measures, in one process and on one device:
+
+1. the plain forward floor: images per second at batch 512 in fp32, bf16 + channels_last, and compiled;
+2. seconds per image of iscam's ScoreCAM / SSCAM / ISCAM (N=10) in fp32 and bf16;
+3. seconds per image of TorchCAM's ScoreCAM / ISCAM at its default batch size (32), and the ratios;
+4. the share of channels iscam skipped (constant maps) or forwarded once (duplicate masks);
+5. the fidelity of bf16 maps against fp32 maps: max abs difference, Spearman rank correlation of the
+   pixels, and the change of insertion/deletion AUC (flagged when above 0.005).
+
+It prints a table and writes ``benchmarks/results/<device>.json``. ``--device cpu --small`` runs a
+reduced version on the CPU (small batches, few images, no compilation) so the script is tested here.
+
+    python benchmarks/gpu.py                      # on a GPU: the full table, < 5 minutes on one H100
+    python benchmarks/gpu.py --device cpu --small # CI-sized smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import re
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from iscam import metrics, methods, models  # noqa: E402
+from iscam.data import ManifestDataset, iter_batches, sample_manifest  # noqa: E402
+
+SCORE_METHODS = ("scorecam", "sscam", "iscam")
+RANDOM_MODELS = ("vgg16", "resnet18", "squeezenet1_0")
+CORAL_MODEL = "mobilenet_v2_coral"
+AUC_TOLERANCE = 0.005
+
+
+@dataclass
+class ModelReport:
+    model: str
+    weights: str
+    images: int
+    channels: int
+    floor_ms_per_image: dict[str, float] = field(default_factory=dict)
+    iscam_s_per_image: dict[str, float] = field(default_factory=dict)
+    torchcam_s_per_image: dict[str, float] = field(default_factory=dict)
+    speedup_vs_torchcam: dict[str, float] = field(default_factory=dict)
+    forwards_per_image: dict[str, float] = field(default_factory=dict)
+    skipped_share: float = math.nan
+    skipped_or_duplicate_share: float = math.nan
+    fidelity: dict[str, dict[str, float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int = 1) -> tuple[float, Any]:
+    """Median wall-clock seconds of ``fn`` (device synchronised around it) and its last result."""
+    times, result = [], None
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        result = fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2], result
+
+
+def forward_floor(model: nn.Module, x: Tensor, batch: int, compile_model: bool, small: bool) -> dict[str, float]:
+    """Milliseconds per image of a plain no-grad forward at ``batch`` images: the floor under any CAM."""
+    device = x.device
+    inputs = x[torch.arange(batch, device=device) % x.shape[0]]
+    repeats = 2 if small else 5
+    floors: dict[str, float] = {}
+
+    def run(m: nn.Module, inp: Tensor, amp: bool) -> Callable[[], Tensor]:
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+
+        def call() -> Tensor:
+            with torch.inference_mode(), autocast:
+                return m(inp)
+
+        return call
+
+    call = run(model, inputs, amp=False)
+    call()
+    floors["fp32"] = timed(call, device, repeats)[0] / batch * 1e3
+
+    channels_last = model.to(memory_format=torch.channels_last)
+    cl_inputs = inputs.contiguous(memory_format=torch.channels_last)
+    call = run(channels_last, cl_inputs, amp=True)
+    call()
+    floors["bf16+cl"] = timed(call, device, repeats)[0] / batch * 1e3
+
+    if compile_model:
+        try:
+            compiled = torch.compile(channels_last)
+            call = run(compiled, cl_inputs, amp=True)
+            call()
+            call()
+            floors["bf16+cl+compile"] = timed(call, device, repeats)[0] / batch * 1e3
+        except Exception as error:  # compilation is an optional extra: report, never abort the table
+            floors["bf16+cl+compile"] = math.nan
+            print(f"  torch.compile failed: {type(error).__name__}: {error}", file=sys.stderr)
+    model.to(memory_format=torch.contiguous_format)
+    return floors
+
+
+def iscam_run(
+    name: str, model: nn.Module, layer: str, x: Tensor, target: Tensor, precision: str, batch_size: int | None
+) -> tuple[float, Tensor, dict[str, Any], int]:
+    """Seconds per image, maps, the method's channel statistics and forwards per image.
+
+    ``precision``: ``fp32`` (eager), ``bf16`` / ``fp16`` (autocast + channels_last), optionally with
+    ``+compile`` (the perturbed forwards through torch.compile). A warm-up on the same batch keeps
+    compilation, cuDNN's algorithm choice and allocator growth out of the timing.
+    """
+    amp, _, compiled = precision.partition("+")
+    options: dict[str, Any] = {"batch_size": batch_size, "compile": bool(compiled)}
+    if amp != "fp32":
+        options.update(amp=amp, channels_last=True)
+    params: dict[str, Any] = {"N": 10} if name != "scorecam" else {}
+    with methods.get(name, model, layer, **options, **params) as cam:
+        cam(x, target)
+        before = cam.forward_count
+        seconds, maps = timed(lambda: cam(x, target), x.device)
+        forwards = (cam.forward_count - before) / x.shape[0]
+        stats = dict(getattr(cam, "last_stats", {}) or {})
+    model.to(memory_format=torch.contiguous_format)
+    return seconds / x.shape[0], maps, stats, int(forwards)
+
+
+def torchcam_run(name: str, model: nn.Module, layer: str, x: Tensor, target: Tensor) -> float:
+    """Seconds per image of TorchCAM's extractor at its default batch size, one image at a time as it is used."""
+    import torchcam.methods as torchcam_methods
+
+    extractor_class = {"scorecam": torchcam_methods.ScoreCAM, "iscam": torchcam_methods.ISCAM}[name]
+    with extractor_class(model, layer, input_shape=tuple(x.shape[1:])) as extractor:
+
+        def explain(index: int) -> Tensor:
+            scores = model(x[index : index + 1])
+            return extractor(int(target[index]), scores)[0]
+
+        explain(0)
+        seconds, _ = timed(lambda: [explain(i) for i in range(x.shape[0])], x.device)
+    return seconds / x.shape[0]
+
+
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman rank correlation of two maps' pixels (average ranks for ties)."""
+
+    def ranks(values: Tensor) -> Tensor:
+        flat = values.flatten().double()
+        order = flat.argsort(stable=True)
+        sorted_values = flat[order]
+        rank = torch.empty_like(flat)
+        rank[order] = torch.arange(flat.numel(), dtype=torch.float64, device=flat.device)
+        # average the ranks of tied values so constant regions do not create spurious order
+        unique, inverse, counts = torch.unique_consecutive(sorted_values, return_inverse=True, return_counts=True)
+        sums = torch.zeros_like(unique).index_add_(0, inverse, rank[order])
+        rank[order] = (sums / counts)[inverse]
+        return rank
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = ra.norm() * rb.norm()
+    return float((ra @ rb) / denominator) if denominator > 0 else float(torch.equal(a, b))
+
+
+def fidelity(model: nn.Module, x: Tensor, target: Tensor, reference: Tensor, candidate: Tensor, step: int) -> dict[str, float]:
+    """How far bf16 maps are from fp32 maps, on the maps themselves and on the AUCs they produce."""
+    reference, candidate = reference.float(), candidate.float()
+    rho = [spearman(r, c) for r, c in zip(reference, candidate)]
+    result: dict[str, float] = {
+        "max_abs_diff": float((reference - candidate).abs().max()),
+        "spearman_min": min(rho),
+        "spearman_mean": sum(rho) / len(rho),
+    }
+    for kind, curve in (("insertion", metrics.insertion_curve), ("deletion", metrics.deletion_curve)):
+        auc_reference = metrics.auc(curve(model, x, reference, target, step=step))
+        auc_candidate = metrics.auc(curve(model, x, candidate, target, step=step))
+        result[f"{kind}_auc_max_change"] = float((auc_reference - auc_candidate).abs().max())
+    result["auc_within_tolerance"] = float(
+        max(result["insertion_auc_max_change"], result["deletion_auc_max_change"]) <= AUC_TOLERANCE
+    )
+    return result
+
+
+def sample_images(loaded: models.LoadedModel, count: int, data_root: str | None, device: torch.device) -> Tensor | None:
+    """``count`` real sample images preprocessed for the model, or None when no data root is available."""
+    try:
+        dataset = ManifestDataset(sample_manifest(data_root), loaded.preprocess, limit=count)
+    except Exception as error:
+        print(f"  no sample images ({error}); using random inputs", file=sys.stderr)
+        return None
+    batch = next(iter(iter_batches(dataset, batch_size=count)))
+    return batch.x.to(device)
+
+
+def benchmark_model(name: str, args: argparse.Namespace, device: torch.device) -> ModelReport:
+    weights = None if name in RANDOM_MODELS else "default"
+    loaded = models.load(name, weights=weights, data_root=args.data_root, device=str(device))
+    model = loaded.model
+    x = sample_images(loaded, args.images, args.data_root, device) if name == CORAL_MODEL else None
+    if x is None:
+        size = args.input_size or (64 if args.small else loaded.preprocess.size)
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(args.images, 3, size, size, generator=generator).to(device)
+    size = x.shape[-1]
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    layer = loaded.target_layer
+    report = ModelReport(name, "random" if weights is None else "ImageNet (Coral int8, dequantised)", x.shape[0], 0)
+    print(f"\n== {name} ({report.weights}), {x.shape[0]} images at {size}x{size}, layer {layer}", flush=True)
+
+    report.floor_ms_per_image = forward_floor(
+        model, x, args.floor_batch, args.compile and args.floor_compile and name in args.compile_models, args.small
+    )
+    print(f"  forward floor (ms/image): {report.floor_ms_per_image}", flush=True)
+
+    maps: dict[tuple[str, str], Tensor] = {}
+    for method in SCORE_METHODS:
+        precisions = list(args.precisions)
+        if args.compile and name in args.compile_models and method == "iscam" and device.type == "cuda":
+            precisions.append(f"{precisions[-1]}+compile")
+        for precision in precisions:
+            seconds, saliency, stats, forwards = iscam_run(
+                method, model, layer, x, target, precision, args.batch_size
+            )
+            report.iscam_s_per_image[f"{method}/{precision}"] = seconds
+            report.forwards_per_image[method] = forwards
+            maps[(method, precision)] = saliency
+            if stats and method == "scorecam" and precision == "fp32":
+                total = max(int(stats.get("channels", 0)), 1)
+                report.channels = total
+                report.skipped_share = stats.get("skipped_constant", 0) / total
+                report.skipped_or_duplicate_share = (stats.get("skipped_constant", 0) + stats.get("deduplicated", 0)) / total
+            print(f"  iscam {method:8s} {precision}: {seconds:.4f} s/image, {forwards} forwards/image", flush=True)
+
+    if not args.skip_torchcam:
+        for method in ("scorecam", "iscam"):
+            seconds = torchcam_run(method, model, layer, x[: args.torchcam_images], target[: args.torchcam_images])
+            report.torchcam_s_per_image[method] = seconds
+            for key, ours in report.iscam_s_per_image.items():
+                if key.startswith(f"{method}/"):
+                    report.speedup_vs_torchcam[key] = seconds / ours
+            print(f"  torchcam {method:8s} fp32: {seconds:.4f} s/image", flush=True)
+
+    if "fp32" in args.precisions:
+        for method in SCORE_METHODS:
+            for precision in args.precisions:
+                if precision == "fp32":
+                    continue
+                key = f"{method}/{precision}"
+                report.fidelity[key] = fidelity(
+                    model, x, target, maps[(method, "fp32")], maps[(method, precision)], step=args.metric_step
+                )
+                print(f"  {precision} fidelity {method}: {report.fidelity[key]}", flush=True)
+    return report
+
+
+def device_label(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-").lower()
+
+
+def render_table(reports: list[ModelReport], precisions: list[str]) -> str:
+    keys = {key.split("/", 1)[1] for report in reports for key in report.iscam_s_per_image}
+    precisions = [*precisions, *sorted(keys - set(precisions))]
+    header = ["model", "method", *[f"iscam {p} s/img" for p in precisions], "torchcam s/img",
+              *[f"speed-up {p}" for p in precisions], "fwd/img", "floor bf16 s"]
+    rows = [header]
+    for report in reports:
+        floor_ms = report.floor_ms_per_image.get("bf16+cl+compile", math.nan)
+        if not math.isfinite(floor_ms):
+            floor_ms = report.floor_ms_per_image.get("bf16+cl", math.nan)
+        for method in SCORE_METHODS:
+            forwards = report.forwards_per_image.get(method, 0)
+            rows.append([
+                report.model, method,
+                *[f"{report.iscam_s_per_image.get(f'{method}/{p}', math.nan):.4f}" for p in precisions],
+                f"{report.torchcam_s_per_image[method]:.4f}" if method in report.torchcam_s_per_image else "-",
+                *[f"{report.speedup_vs_torchcam[f'{method}/{p}']:.2f}x" if f"{method}/{p}" in report.speedup_vs_torchcam
+                  else "-" for p in precisions],
+                str(forwards), f"{forwards * floor_ms / 1e3:.4f}",
+            ])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    extra = ["", "channels skipped (constant) / skipped or duplicate; fidelity against fp32 (min Spearman, max |dAUC|):"]
+    for report in reports:
+        fid = ", ".join(
+            f"{m}: rho>={f['spearman_min']:.4f} dAUC<={max(f['insertion_auc_max_change'], f['deletion_auc_max_change']):.4f}"
+            for m, f in report.fidelity.items()
+        )
+        extra.append(
+            f"  {report.model}: {report.skipped_share:.1%} / {report.skipped_or_duplicate_share:.1%} of "
+            f"{report.channels} channels; {fid or 'n/a'}"
+        )
+    return "\n".join(lines + extra)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
+    parser.add_argument("--small", action="store_true", help="CI-sized run: few images, small batches, no compile")
+    parser.add_argument("--models", nargs="+", default=None, choices=[*RANDOM_MODELS, CORAL_MODEL],
+                        help="default: all four (small: squeezenet1_0 and the Coral MobileNetV2)")
+    parser.add_argument("--images", type=int, default=None, help="images per model (default 8, small: 1)")
+    parser.add_argument("--torchcam-images", type=int, default=None, help="images timed for TorchCAM (default 2)")
+    parser.add_argument("--precisions", nargs="+", default=None, choices=["fp32", "bf16", "fp16"],
+                        help="default: fp32, bf16 and fp16 (small: fp32)")
+    parser.add_argument("--batch-size", type=int, default=None, help="iscam forward batch (default: automatic)")
+    parser.add_argument("--floor-batch", type=int, default=None, help="batch of the forward floor (default 512)")
+    parser.add_argument("--input-size", type=int, default=None,
+                        help="input side of the random-weight models (default 224, small: 64); the Coral model "
+                        "always sees real images at its own 224x224")
+    parser.add_argument("--compile-models", nargs="+", default=["vgg16"],
+                        help="models whose compiled forward floor and compiled IS-CAM are measured on CUDA "
+                        "(compiling costs a minute or more each)")
+    parser.add_argument("--no-floor-compile", dest="floor_compile", action="store_false",
+                        help="skip the compiled forward floor (keep the compiled IS-CAM)")
+    parser.add_argument("--metric-step", type=int, default=224, help="insertion/deletion pixels per step")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled floor")
+    parser.add_argument("--skip-torchcam", action="store_true")
+    parser.add_argument("--data-root", default=None, help="data root (default: $ISCAM_DATA)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<device>.json)")
+    args = parser.parse_args(argv)
+    args.models_default, args.precisions_default = args.models is None, args.precisions is None
+    args.models = args.models or [*RANDOM_MODELS, CORAL_MODEL]
+    args.precisions = args.precisions or ["fp32", "bf16", "fp16"]
+    args.images = args.images or (1 if args.small else 8)
+    args.torchcam_images = min(args.torchcam_images or 2, args.images)
+    args.floor_batch = args.floor_batch or (16 if args.small else 512)
+    if args.small:
+        # Minutes on a 2-core CPU: one image, fp32 (CPU bf16 is emulated, slower), no compilation, the random
+        # models at 64x64 but the Coral MobileNetV2 at its own 224x224 on a real image, where the
+        # iscam/TorchCAM ratio is meaningful (its constant and duplicate channels are those of real data).
+        args.compile = False
+        if args.models_default:
+            args.models = ["squeezenet1_0", CORAL_MODEL]
+        if args.precisions_default:
+            args.precisions = ["fp32"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    started = time.time()
+    label = device_label(device)
+    out = args.out or REPO / "benchmarks" / "results" / f"{label}{'-small' if args.small else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    reports: list[ModelReport] = []
+    failures: dict[str, str] = {}
+    for name in args.models:
+        try:
+            reports.append(benchmark_model(name, args, device))
+        except Exception as error:  # one model failing must not lose the others' measurements
+            failures[name] = f"{type(error).__name__}: {error}"
+            print(f"  {name} FAILED: {failures[name]}", file=sys.stderr, flush=True)
+        table = render_table(reports, args.precisions)
+        payload = {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__,
+            "small": args.small,
+            "seconds_total": time.time() - started,
+            "arguments": {k: str(v) for k, v in vars(args).items()},
+            "models": [asdict(r) for r in reports],
+            "failures": failures,
+            "table": table,
+        }
+        out.write_text(json.dumps(payload, indent=2))  # after every model: an interrupted run keeps its rows
+    print(f"\n{table}\n\nwritten to {out} ({payload['seconds_total']:.0f} s in all, device {payload['device']})")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

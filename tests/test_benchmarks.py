@@ -1,0 +1,55 @@
+"""The GPU benchmark script runs end to end on the CPU and reports what issue 7 asks for."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_benchmark():
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", SCRIPT)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_small_cpu_run_writes_the_table(gpu_benchmark, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cpu.json"
+    status = gpu_benchmark.main(
+        ["--device", "cpu", "--small", "--models", "squeezenet1_0", "--input-size", "48", "--out", str(out)]
+    )
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "speed-up fp32" in printed and "squeezenet1_0" in printed
+    payload = json.loads(out.read_text())
+    assert payload["small"] is True and payload["failures"] == {}
+    (report,) = payload["models"]
+    assert report["model"] == "squeezenet1_0" and report["images"] == 1
+    assert set(report["iscam_s_per_image"]) == {"scorecam/fp32", "sscam/fp32", "iscam/fp32"}
+    assert set(report["torchcam_s_per_image"]) == {"scorecam", "iscam"}
+    # 512 channels at features.12; IS-CAM and SS-CAM forward each scored channel N = 10 times
+    scored = report["forwards_per_image"]["scorecam"] - 1
+    assert 0 < scored <= 512
+    assert report["forwards_per_image"]["iscam"] == 10 * scored + 1
+    assert 0.0 <= report["skipped_share"] <= report["skipped_or_duplicate_share"] <= 1.0
+    assert all(value > 0 for value in report["floor_ms_per_image"].values())
+
+
+def test_spearman_handles_ties_and_order(gpu_benchmark) -> None:
+    import torch
+
+    a = torch.tensor([[0.0, 1.0], [2.0, 3.0]])
+    assert gpu_benchmark.spearman(a, a * 5 + 1) == pytest.approx(1.0)
+    assert gpu_benchmark.spearman(a, -a) == pytest.approx(-1.0)
+    tied = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    assert gpu_benchmark.spearman(tied, torch.tensor([[0.0, 0.0], [5.0, 5.0]])) == pytest.approx(1.0)
