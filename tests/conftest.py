@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,40 @@ class TinyCNN(nn.Module):
 def tiny_cnn() -> nn.Module:
     torch.manual_seed(0)
     return TinyCNN().eval()
+
+
+class DeadCNN(nn.Module):
+    """A conv layer whose ReLU output is zero everywhere (weights 0, bias -1): every map must stay zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(4, 3)
+        with torch.no_grad():
+            self.features[0].weight.zero_()
+            self.features[0].bias.fill_(-1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Small forwards run far faster on one thread than on contended cores; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def glue_values(notebook: Path) -> dict[str, str]:
+    """``key -> text/plain`` of every value a notebook glued (``myst_nb.glue``)."""
+    nb = json.loads(notebook.read_text(encoding="utf-8"))
+    values: dict[str, str] = {}
+    for cell in nb["cells"]:
+        for output in cell.get("outputs", []):
+            record = output.get("metadata", {}).get("scrapbook", {})
+            mime = record.get("mime_prefix", "") + "text/plain"
+            if "name" in record and mime in output.get("data", {}):
+                values[record["name"]] = "".join(output["data"][mime])
+    return values

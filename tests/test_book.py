@@ -26,6 +26,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+from conftest import glue_values
 
 pytestmark = pytest.mark.book
 
@@ -63,19 +64,6 @@ def toc_pages(toc_file: Path) -> list[str]:
     for part in toc.get("parts", [{"chapters": toc.get("chapters", [])}]):
         pages.extend(entry["file"] for entry in part["chapters"])
     return pages
-
-
-def glue_values(notebook: Path) -> dict[str, str]:
-    """``key -> text/plain`` of every value a notebook glued (``myst_nb.glue``)."""
-    nb = json.loads(notebook.read_text(encoding="utf-8"))
-    values: dict[str, str] = {}
-    for cell in nb["cells"]:
-        for output in cell.get("outputs", []):
-            record = output.get("metadata", {}).get("scrapbook", {})
-            mime = record.get("mime_prefix", "") + "text/plain"
-            if "name" in record and mime in output.get("data", {}):
-                values[record["name"]] = "".join(output["data"][mime])
-    return values
 
 
 def glue_references(text: str) -> list[tuple[str | None, str, str]]:

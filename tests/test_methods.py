@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torchvision
 from torch import Tensor, nn
+
+from conftest import DeadCNN
 
 from iscam import methods
 from iscam.layers import LayerNotFoundError
@@ -24,12 +24,7 @@ FAST_KWARGS: dict[str, dict[str, object]] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch(size: int = 16, n: int = 2) -> Tensor:
@@ -119,19 +114,7 @@ def test_minmax_normalize_keeps_constant_maps_zero() -> None:
 
 @pytest.mark.parametrize("name", ["gradcam", "gradcampp", "smoothgradcampp"])
 def test_gradient_map_of_a_dead_layer_is_all_zero(name: str) -> None:
-    class Dead(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
-            self.head = nn.Linear(4, 3)
-
-        def forward(self, x: Tensor) -> Tensor:
-            return self.head(self.features(x).mean(dim=(2, 3)))
-
-    model = Dead().eval()
-    with torch.no_grad():
-        model.features[0].weight.zero_()
-        model.features[0].bias.fill_(-1.0)
+    model = DeadCNN().eval()
     with methods.get(name, model, "features", **FAST_KWARGS[name]) as cam:
         assert torch.equal(cam(batch(size=8)), torch.zeros(2, 8, 8))
 

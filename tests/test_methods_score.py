@@ -11,6 +11,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from conftest import DeadCNN
+
 from iscam import methods
 from iscam.methods.score import iscam_coefficients, sscam_noise_seed
 
@@ -102,13 +104,7 @@ def sscam_inputs(n: int, sigma: float, seed: int, noise: str, masks_seen: dict[i
     return perturb
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterable[None]:
-    """Small forwards run far faster on one thread than on contended cores; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------- models
@@ -365,19 +361,7 @@ def test_dedup_and_skipping_change_cost_not_results(make: Callable) -> None:
 
 
 def test_all_constant_activation_gives_an_all_zero_map() -> None:
-    class Dead(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
-            self.head = nn.Linear(4, 3)
-
-        def forward(self, x: Tensor) -> Tensor:
-            return self.head(self.features(x).mean(dim=(2, 3)))
-
-    model = Dead().eval()
-    with torch.no_grad():
-        model.features[0].weight.zero_()
-        model.features[0].bias.fill_(-1.0)  # ReLU(-1) = 0 everywhere
+    model = DeadCNN().eval()
     x = torch.randn(2, 3, 8, 8)
     for cam in (methods.ScoreCAM(model, "features"), methods.ISCAM(model, "features", N=2)):
         with cam:

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import glue_values
 
 from iscam import tables
 from iscam.experiment import load_config
@@ -23,25 +24,13 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "04-confidence.ipynb"
 
 
-def _glued(path: Path) -> dict[str, str]:
-    nb = json.loads(path.read_text(encoding="utf-8"))
-    values = {}
-    for cell in nb["cells"]:
-        for output in cell.get("outputs", []):
-            record = output.get("metadata", {}).get("scrapbook", {})
-            mime = record.get("mime_prefix", "") + "text/plain"
-            if "name" in record and mime in output.get("data", {}):
-                values[record["name"]] = "".join(output["data"][mime])
-    return values
-
-
 def _run(tmp_path: Path, name: str, **parameters) -> dict[str, str]:
     import papermill
 
     out = tmp_path / name
     papermill.execute_notebook(str(NOTEBOOK), str(out), parameters=parameters, kernel_name="python3",
                                cwd=str(NOTEBOOK.parent), progress_bar=False)
-    return _glued(out)
+    return glue_values(out)
 
 
 def test_new_N_regenerates_the_chapter_and_computes_only_the_missing_rows(tmp_path, assets):
