@@ -70,6 +70,7 @@ __all__ = [
     "parse_override",
     "image_seed",
     "method_key",
+    "method_kwargs",
     "resolved_params",
     "select_indices",
     "default_output",
@@ -681,6 +682,23 @@ def method_key(name: str, params: Mapping[str, Any], *, seed: int = 0) -> str:
     return params_key(resolved)
 
 
+def method_kwargs(config: ExperimentConfig, name: str, params: Mapping[str, Any], *,
+                  forward_batch: int | None = None) -> dict[str, Any]:
+    """Constructor keywords of method ``name``: its ``params`` plus the config's execution settings
+    (forward batch size, channels-last layout, ``amp`` from the precision) where the method accepts them."""
+    accepted = _signature_params(_method_class(name))
+    kwargs: dict[str, Any] = dict(params)
+    if "batch_size" in accepted:
+        kwargs["batch_size"] = config.forward_batch_size if forward_batch is None else forward_batch
+    if config.channels_last and "channels_last" in accepted:
+        kwargs["channels_last"] = True
+    if config.precision != "fp32":
+        if "amp" not in accepted:
+            raise ConfigError(f"method {name!r} has no {config.precision} support (no 'amp' parameter)")
+        kwargs["amp"] = config.precision
+    return kwargs
+
+
 class _Method:
     """One configured method, callable on a batch: ``maps(x, target, files) -> (saliency, forwards)``.
 
@@ -696,17 +714,8 @@ class _Method:
         self.layer = layer
         self.config = config
         self.stochastic = spec.name in STOCHASTIC_METHODS
-        accepted = _signature_params(_method_class(spec.name))
-        self.kwargs: dict[str, Any] = dict(spec.params)
-        if "batch_size" in accepted:
-            self.kwargs["batch_size"] = forward_batch
-        if config.channels_last and "channels_last" in accepted:
-            self.kwargs["channels_last"] = True
-        if config.precision != "fp32":
-            if "amp" not in accepted:
-                raise ConfigError(f"method {spec.name!r} has no {config.precision} support (no 'amp' parameter)")
-            self.kwargs["amp"] = config.precision
-        self.seed_param = "seed" in accepted
+        self.kwargs = method_kwargs(config, spec.name, spec.params, forward_batch=forward_batch)
+        self.seed_param = "seed" in _signature_params(_method_class(spec.name))
         self.cam: Any = None
 
     def _make(self, **extra: Any) -> Any:

@@ -389,10 +389,12 @@ def _dataset(run: BookRun, preprocess: Any) -> Any:
     return iscam_data.ManifestDataset(manifest, preprocess)
 
 
-def _cam(spec_name: str, params: Mapping[str, Any], model: torch.nn.Module, layer: str, seed: int) -> Any:
+def _cam(run: BookRun, spec_name: str, params: Mapping[str, Any], model: torch.nn.Module, layer: str,
+         seed: int) -> Any:
+    """The method as the runner builds it: same parameters, batch size, memory layout and precision."""
     from . import methods
 
-    kwargs = dict(params)
+    kwargs = experiment.method_kwargs(run.config, spec_name, params)
     if "seed" in inspect.signature(methods.METHODS[spec_name]).parameters:
         kwargs["seed"] = seed
     return methods.get(spec_name, model, target_layer=layer, **kwargs)
@@ -433,7 +435,7 @@ def explain_images(run: BookRun, indices: Sequence[int],
         per_image = []
         for b, sample in enumerate(samples):
             seed = experiment.image_seed(run.config.seed, name, sample.file)
-            with torch.random.fork_rng(devices=[]), _cam(name, params, loaded.model, layer, seed) as cam:
+            with torch.random.fork_rng(devices=[]), _cam(run, name, params, loaded.model, layer, seed) as cam:
                 torch.manual_seed(seed)
                 per_image.append(cam(x[b:b + 1], target[b:b + 1])[0].float().cpu())
         maps[name if keys is None else f"{keys}={params[keys]}"] = torch.stack(per_image)
