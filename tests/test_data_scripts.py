@@ -66,6 +66,51 @@ def test_committed_paper_list_is_the_seeded_selection(tmp_path: Path) -> None:
     assert run("select_paper_images.py", "--check", "--out", other).returncode == 1  # seed 2020 differs
 
 
+def test_committed_paper_list_labels(assets: Path) -> None:
+    """paper_2000.csv's labels: torchvision indices, equal to the shipped manifests' on the shared images."""
+    with open(SCRIPTS / "paper_2000.csv", newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == ["rank", "file", "label"]
+        labels = {r["file"]: int(r["label"]) for r in reader}
+    assert len(labels) == 2000 and all(0 <= v <= 999 for v in labels.values())
+    assert len(set(labels.values())) > 800  # 2000 uniform draws over 1000 classes cover ~865 of them
+    known = {}
+    for name in ("imagenet-val-sample", "imagenet-val-scorecam9"):
+        with open(assets / name / "manifest.csv", newline="") as handle:
+            known.update({r["file"]: int(r["label"]) for r in csv.DictReader(handle)})
+    shared = sorted(set(known) & set(labels))
+    assert len(shared) == 13  # the overlap of the two samples with our draw
+    assert {f: labels[f] for f in shared} == {f: known[f] for f in shared}
+
+
+def test_select_paper_images_synset_labels(tmp_path: Path) -> None:
+    from iscam.data import imagenet_wnids
+
+    wnids = imagenet_wnids()
+    ground_truth = tmp_path / "validation_labels.txt"  # image n has class (n * 7) % 1000
+    ground_truth.write_text("".join(f"{wnids[(n * 7) % 1000]}\n" for n in range(1, 50001)))
+    out = tmp_path / "labelled.csv"
+    result = run("select_paper_images.py", "--count", "2", "--synset-labels", ground_truth, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "not the recorded" in result.stderr  # SHA-256 differs from the public file's
+    assert out.read_text().splitlines() == [
+        "rank,file,label",
+        f"0,ILSVRC2012_val_00007195.JPEG,{7195 * 7 % 1000}",
+        f"1,ILSVRC2012_val_00040051.JPEG,{40051 * 7 % 1000}",
+    ]
+    check = ["select_paper_images.py", "--count", "2", "--check", "--out", out]
+    check += ["--synset-labels", ground_truth]
+    assert run(*check).returncode == 0
+    out.write_text(out.read_text().replace(",365\n", ",366\n"))  # 7195 * 7 % 1000 == 365
+    assert run(*check).returncode == 1  # --check compares the labels too
+    short = tmp_path / "short.txt"
+    short.write_text("n01440764\n")
+    result = run("select_paper_images.py", "--synset-labels", short, "--out", tmp_path / "x.csv")
+    assert result.returncode == 1 and not (tmp_path / "x.csv").exists()  # SystemExit: "expected 50000"
+    both = run("select_paper_images.py", "--synset-labels", short, "--labels", short)
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+
+
 def _xml(wnid: str, width: int, height: int, boxes: list[tuple[int, int, int, int]]) -> str:
     objects = "".join(
         f"<object><name>{wnid}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
