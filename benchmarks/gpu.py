@@ -128,8 +128,9 @@ def iscam_run(
     """Seconds per image, maps, the method's channel statistics and forwards per image.
 
     ``precision``: ``fp32`` (eager), ``bf16`` / ``fp16`` (autocast + channels_last), optionally with
-    ``+compile`` (the perturbed forwards through torch.compile). A warm-up on the same batch keeps
-    compilation, cuDNN's algorithm choice and allocator growth out of the timing.
+    ``+compile`` (the perturbed forwards through torch.compile). On CUDA a warm-up on the same batch keeps
+    compilation, cuDNN's algorithm choice and allocator growth out of the timing; the CPU needs none, and
+    a CPU run is long enough without doing everything twice.
     """
     amp, _, compiled = precision.partition("+")
     options: dict[str, Any] = {"batch_size": batch_size, "compile": bool(compiled)}
@@ -137,7 +138,8 @@ def iscam_run(
         options.update(amp=amp, channels_last=True)
     params: dict[str, Any] = {"N": 10} if name != "scorecam" else {}
     with methods.get(name, model, layer, **options, **params) as cam:
-        cam(x, target)
+        if x.device.type == "cuda" or compiled:
+            cam(x, target)
         before = cam.forward_count
         seconds, maps = timed(lambda: cam(x, target), x.device)
         forwards = (cam.forward_count - before) / x.shape[0]
@@ -157,7 +159,8 @@ def torchcam_run(name: str, model: nn.Module, layer: str, x: Tensor, target: Ten
             scores = model(x[index : index + 1])
             return extractor(int(target[index]), scores)[0]
 
-        explain(0)
+        if x.device.type == "cuda":  # the same warm-up rule as iscam's runs
+            explain(0)
         seconds, _ = timed(lambda: [explain(i) for i in range(x.shape[0])], x.device)
     return seconds / x.shape[0]
 
@@ -184,7 +187,7 @@ def spearman(a: Tensor, b: Tensor) -> float:
 
 
 def fidelity(model: nn.Module, x: Tensor, target: Tensor, reference: Tensor, candidate: Tensor, step: int) -> dict[str, float]:
-    """How far bf16 maps are from fp32 maps, on the maps themselves and on the AUCs they produce."""
+    """How far low-precision maps are from fp32 maps, on the maps themselves and on the AUCs they produce."""
     reference, candidate = reference.float(), candidate.float()
     rho = [spearman(r, c) for r, c in zip(reference, candidate)]
     result: dict[str, float] = {
