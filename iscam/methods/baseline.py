@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from iscam.methods.base import CAM, Target, _target_indices
+from iscam.methods.base import CAM, Target, _check_seed, _target_indices
 
 __all__ = ["RandomCAM"]
 
@@ -33,8 +33,7 @@ class RandomCAM(CAM):
         amp: str | None = None,
         channels_last: bool = False,
     ) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {seed!r}")
+        _check_seed(seed)
         super().__init__(model, None, batch_size=batch_size, amp=amp, channels_last=False)
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)

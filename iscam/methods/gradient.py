@@ -18,6 +18,7 @@ from iscam.methods.base import (
     _check_choice,
     _check_non_negative,
     _check_positive_int,
+    _check_seed,
     minmax_normalize,
     upsample,
 )
@@ -138,9 +139,7 @@ class SmoothGradCAMpp(_GradientFamily):
     ) -> None:
         self.n_samples = _check_positive_int("n_samples", n_samples)
         self.noise_std = _check_non_negative("noise_std", noise_std)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {seed!r}")
-        self.seed = seed
+        self.seed = _check_seed(seed)
         self.noisy_target = _check_choice("noisy_target", noisy_target, NOISY_TARGETS)
         super().__init__(model, target_layer, batch_size=batch_size, amp=amp, channels_last=channels_last)
 

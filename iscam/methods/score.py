@@ -37,6 +37,7 @@ from iscam.methods.base import (
     _check_choice,
     _check_non_negative,
     _check_positive_int,
+    _check_seed,
     _eval_mode,
     minmax_normalize,
     upsample,
@@ -440,9 +441,7 @@ class SSCAM(_ScoreFamily):
         self.N = _check_positive_int("N", N)
         self.sigma = _check_non_negative("sigma", sigma)
         self.noise = _check_choice("noise", noise, NOISE_MODES)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {seed!r}")
-        self.seed = seed
+        self.seed = _check_seed(seed)
         self._steps = N
         super().__init__(
             model,
