@@ -360,6 +360,52 @@ def test_dedup_and_skipping_change_cost_not_results(make: Callable) -> None:
         torch.testing.assert_close(weights[:, 6:8], weights[:, 0:2], rtol=0, atol=0)
 
 
+class Proportional(nn.Module):
+    """TinyCNN whose target layer adds channel 0 times 4 and two one-hot maps of different heights: maps that
+    differ only by a positive scale, as a sparse ReLU6 layer produces (the Coral MobileNetV2's features.18)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from conftest import TinyCNN
+
+        torch.manual_seed(0)
+        self.body = TinyCNN().features
+        self.mix = nn.Identity()
+        self.head = nn.Linear(9, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.body(x)
+        one_hot = torch.zeros_like(a[:, :1])
+        one_hot[..., 1, 2] = 1.0
+        a = torch.cat([a, 4.0 * a[:, :1], 2.7 * one_hot, 0.3 * one_hot], dim=1)
+        return self.head(self.mix(a).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m, d: methods.ScoreCAM(m, "mix", dedup=d),
+        lambda m, d: methods.ISCAM(m, "mix", N=3, dedup=d),
+        lambda m, d: methods.SSCAM(m, "mix", N=3, seed=4, dedup=d),
+    ],
+    ids=["scorecam", "iscam", "sscam"],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dedup_merges_proportional_maps_at_rounding_cost(make: Callable, dtype: torch.dtype) -> None:
+    model = Proportional().eval().to(dtype)
+    x = tiny_input(batch=2).to(dtype)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-6
+    with make(model, True) as fast, make(model, False) as slow:
+        weights = fast.channel_weights(x)
+        # scaled copy of channel 0, and the lower one-hot map, forwarded once per image each
+        assert fast.last_stats["deduplicated"] == 2 * 2
+        torch.testing.assert_close(weights, slow.channel_weights(x), rtol=0, atol=tolerance)
+        torch.testing.assert_close(weights[:, 6], weights[:, 0], rtol=0, atol=0)
+        torch.testing.assert_close(weights[:, 8], weights[:, 7], rtol=0, atol=0)
+        torch.testing.assert_close(fast(x), slow(x), rtol=0, atol=tolerance)
+        assert slow.forward_count - fast.forward_count == 2 * (2 * 2) * fast._steps  # two calls
+
+
 def test_all_constant_activation_gives_an_all_zero_map() -> None:
     model = DeadCNN().eval()
     x = torch.randn(2, 3, 8, 8)
