@@ -771,9 +771,10 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """The config's precision for the forwards the runner makes itself (targets, metrics)."""
+    from .methods.base import amp_autocast
+
+    return amp_autocast(device, None if precision == "fp32" else precision)
 
 
 def _valid_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:

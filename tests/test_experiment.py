@@ -104,6 +104,17 @@ def test_bad_overrides_name_the_problem(override: str, message: str) -> None:
             resolved_params(spec.name, spec.params)
 
 
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_the_runner_forwards_in_the_config_precision(precision: str, dtype: torch.dtype) -> None:
+    """Targets and metric frames run in the precision the methods use (fp16 once ran metrics in fp32)."""
+    from iscam.experiment import _autocast
+
+    with _autocast(torch.device("cpu"), precision):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == dtype
+    with _autocast(torch.device("cpu"), "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
+
+
 def test_unknown_config_lists_the_shipped_ones(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown config 'smok'.*paper-vgg16.*smoke"):
         load_config("smok")

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AMP_MODES",
+    "amp_autocast",
     "CAM",
     "Target",
     "default_target_layer",
@@ -36,6 +37,15 @@ Target = int | Sequence[int] | Tensor | None
 #: Mixed-precision modes accepted by ``amp=``: None (the input's own dtype), bfloat16 or float16 autocast.
 AMP_MODES: tuple[str | None, ...] = (None, "bf16", "fp16")
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_autocast(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager[Any]:
+    """Autocast to the dtype of ``amp`` (``"bf16"`` / ``"fp16"``) on ``device``; ``None``: no autocast."""
+    if amp is None:
+        return contextlib.nullcontext()
+    if amp not in _AMP_DTYPES:
+        raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
+    return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp])
 
 
 def default_target_layer(model: nn.Module) -> str:
@@ -227,9 +237,7 @@ class CAM(ABC):
         return x
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-        if self.amp is not None:
-            return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[self.amp])
-        return contextlib.nullcontext()
+        return amp_autocast(device, self.amp)
 
     def _layout(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
