@@ -371,13 +371,14 @@ class Proportional(nn.Module):
         torch.manual_seed(0)
         self.body = TinyCNN().features
         self.mix = nn.Identity()
-        self.head = nn.Linear(9, 5)
+        self.head = nn.Linear(11, 5)
 
     def forward(self, x: Tensor) -> Tensor:
         a = self.body(x)
-        one_hot = torch.zeros_like(a[:, :1])
-        one_hot[..., 1, 2] = 1.0
-        a = torch.cat([a, 4.0 * a[:, :1], 2.7 * one_hot, 0.3 * one_hot], dim=1)
+        # two positions in the same half of the map: equal sums, so a sum fingerprint cannot tell them apart
+        first, second = torch.zeros_like(a[:, :1]), torch.zeros_like(a[:, :1])
+        first[..., 1, 2], second[..., 2, 1] = 1.0, 1.0
+        a = torch.cat([a, 4.0 * a[:, :1], 2.7 * first, 0.3 * first, 1.5 * second, 0.9 * second], dim=1)
         return self.head(self.mix(a).mean(dim=(2, 3)))
 
 
@@ -397,13 +398,15 @@ def test_dedup_merges_proportional_maps_at_rounding_cost(make: Callable, dtype: 
     tolerance = 1e-12 if dtype == torch.float64 else 1e-6
     with make(model, True) as fast, make(model, False) as slow:
         weights = fast.channel_weights(x)
-        # scaled copy of channel 0, and the lower one-hot map, forwarded once per image each
-        assert fast.last_stats["deduplicated"] == 2 * 2
+        # the scaled copy of channel 0 and the second map of each one-hot pair are not forwarded
+        assert fast.last_stats["deduplicated"] == 2 * 3
         torch.testing.assert_close(weights, slow.channel_weights(x), rtol=0, atol=tolerance)
         torch.testing.assert_close(weights[:, 6], weights[:, 0], rtol=0, atol=0)
         torch.testing.assert_close(weights[:, 8], weights[:, 7], rtol=0, atol=0)
+        torch.testing.assert_close(weights[:, 10], weights[:, 9], rtol=0, atol=0)
+        assert not torch.equal(weights[:, 9], weights[:, 7])
         torch.testing.assert_close(fast(x), slow(x), rtol=0, atol=tolerance)
-        assert slow.forward_count - fast.forward_count == 2 * (2 * 2) * fast._steps  # two calls
+        assert slow.forward_count - fast.forward_count == 2 * (2 * 3) * fast._steps  # two calls
 
 
 def test_all_constant_activation_gives_an_all_zero_map() -> None:

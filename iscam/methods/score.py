@@ -282,32 +282,28 @@ class _ScoreFamily(CAM):
 
     @staticmethod
     def _canonical(keys: Tensor, valid: Tensor) -> Tensor:
-        """For each channel, the first channel of the same image with a bit-identical key (``[G, K]``).
+        """For each channel, the first channel of the same image with an identical key (``[G, K]``).
 
-        Channels are grouped by two cheap fingerprints (sum, and sum of the first half), then every proposed
-        match is verified element by element, so a fingerprint collision can only cost speed, never change a
-        result. Skipped channels are their own representatives.
+        Rows (image, skipped flag, key) are grouped exactly by ``torch.unique``, which is cheap on the
+        low-resolution keys. (Grouping by a few sums, as an earlier version did, let every one-hot map fall
+        in one group whatever its position, so most true duplicates were missed.) Skipped channels are their
+        own representatives.
         """
         n_images, n_channels = valid.shape
         rows = n_images * n_channels
-        flat = keys.reshape(rows, -1)
         index = torch.arange(rows, device=keys.device)
-        # Row reductions treat identical rows identically (a matmul need not: BLAS blocking, TF32).
-        total = flat.sum(1, dtype=torch.float64)
-        half = flat[:, : flat.shape[1] // 2].sum(1, dtype=torch.float64)
-        flat_valid = valid.reshape(rows)
-        # A skipped channel gets a unique negative key (valid keys have a sum >= 1).
-        total = torch.where(flat_valid, total, -1.0 - index.to(torch.float64))
-        image = (index // n_channels).to(torch.float64)
-        _, inverse = torch.unique(torch.stack([image, total, half], 1), dim=0, return_inverse=True)
+        image = index // n_channels
+        # A skipped channel gets a value of its own in this column, so it matches no other channel.
+        alone = torch.where(valid.reshape(rows), 0, 1 + index)
+        table = torch.cat(
+            [image[:, None].to(torch.float64), alone[:, None].to(torch.float64),
+             keys.reshape(rows, -1).to(torch.float64)],
+            dim=1,
+        )
+        _, inverse = torch.unique(table, dim=0, return_inverse=True)
         first = torch.full((rows,), rows, dtype=torch.long, device=keys.device)
         first = first.scatter_reduce(0, inverse, index, reduce="amin")
-        representative = first[inverse]
-        proposed = (representative != index).nonzero().squeeze(1)
-        if proposed.numel():
-            same = (flat[proposed] == flat[representative[proposed]]).all(1)
-            representative[proposed] = torch.where(same, representative[proposed], proposed)
-        return (representative - (index // n_channels) * n_channels).view(n_images, n_channels)
+        return (first[inverse] - image * n_channels).view(n_images, n_channels)
 
     def _extra_repr(self) -> str:
         return f"target_layer={self.target_layer!r}, protocol={self.protocol!r}, batch_size={self.batch_size}"
