@@ -53,3 +53,31 @@ def test_spearman_handles_ties_and_order(gpu_benchmark) -> None:
     assert gpu_benchmark.spearman(a, -a) == pytest.approx(-1.0)
     tied = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
     assert gpu_benchmark.spearman(tied, torch.tensor([[0.0, 0.0], [5.0, 5.0]])) == pytest.approx(1.0)
+
+
+def test_channel_shares_count_what_score_cam_skips(assets: Path, tmp_path: Path) -> None:
+    """The shares script counts exactly the channels ScoreCAM leaves out on the same real images."""
+    import torch
+
+    from iscam import methods, models
+    from iscam.data import ManifestDataset, iter_batches, sample_manifest
+
+    spec = importlib.util.spec_from_file_location("channel_shares", SCRIPT.with_name("channel_shares.py"))
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "shares.json"
+    assert module.main(["--model", "mobilenet_v1_coral_tiny", "--images", "3", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["images"] == 3 and report["channels"] == 256
+
+    loaded = models.load("mobilenet_v1_coral_tiny")
+    x = next(iter(iter_batches(ManifestDataset(sample_manifest(), loaded.preprocess, limit=3), 3))).x
+    with methods.ScoreCAM(loaded.model.eval(), loaded.target_layer) as cam:
+        cam.channel_weights(x)
+        stats = cam.last_stats
+    assert report["constant_share"] == stats["skipped_constant"] / stats["channels"]
+    assert report["duplicate_share"] == stats["deduplicated"] / stats["channels"]
+    assert stats["forwards"] == stats["channels"] - stats["skipped_constant"] - stats["deduplicated"] + 3  # + clean
+    assert torch.isclose(torch.tensor(report["skipped_or_duplicate_share"]),
+                         torch.tensor(report["constant_share"] + report["duplicate_share"]))
