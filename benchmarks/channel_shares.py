@@ -30,8 +30,8 @@ from iscam.data import ManifestDataset, iter_batches, sample_manifest  # noqa: E
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def channel_shares(model_name: str, images: int, data_root: str | None = None, *, random_weights: bool = False,
-                   batch: int = 16) -> dict[str, Any]:
+def channel_shares(model_name: str, images: int, data_root: str | None = None, *,
+                   random_weights: bool = False, batch: int = 16) -> dict[str, Any]:
     """Shares of (image, channel) pairs that are constant, duplicates, or either, over ``images`` images."""
     loaded = models.load(model_name, None if random_weights else "default", data_root=data_root)
     dataset = ManifestDataset(sample_manifest(data_root), loaded.preprocess, limit=images)
@@ -60,7 +60,8 @@ def channel_shares(model_name: str, images: int, data_root: str | None = None, *
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="mobilenet_v2_coral", help="a name models.load knows")
     parser.add_argument("--images", type=int, default=32, help="first N images of the sample manifest")
     parser.add_argument("--random-weights", action="store_true",

@@ -78,6 +78,7 @@ def test_channel_shares_count_what_score_cam_skips(assets: Path, tmp_path: Path)
         stats = cam.last_stats
     assert report["constant_share"] == stats["skipped_constant"] / stats["channels"]
     assert report["duplicate_share"] == stats["deduplicated"] / stats["channels"]
-    assert stats["forwards"] == stats["channels"] - stats["skipped_constant"] - stats["deduplicated"] + 3  # + clean
+    scored = stats["channels"] - stats["skipped_constant"] - stats["deduplicated"]
+    assert stats["forwards"] == scored + 3  # and the 3 clean forwards
     assert torch.isclose(torch.tensor(report["skipped_or_duplicate_share"]),
                          torch.tensor(report["constant_share"] + report["duplicate_share"]))

@@ -361,8 +361,8 @@ def test_dedup_and_skipping_change_cost_not_results(make: Callable) -> None:
 
 
 class Proportional(nn.Module):
-    """TinyCNN whose target layer adds channel 0 times 4 and two one-hot maps of different heights: maps that
-    differ only by a positive scale, as a sparse ReLU6 layer produces (the Coral MobileNetV2's features.18)."""
+    """TinyCNN whose target layer adds channel 0 times 4 and two pairs of one-hot maps of different heights:
+    maps that differ only by a positive scale, as a sparse ReLU6 layer produces (Coral MobileNetV2)."""
 
     def __init__(self) -> None:
         super().__init__()

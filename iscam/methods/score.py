@@ -262,14 +262,14 @@ class _ScoreFamily(CAM):
         return masks.contiguous(), valid[..., 0, 0]
 
     def _dedup_keys(self, activation: Tensor) -> Tensor:
-        """Low-resolution maps ``[G, K, h, w]`` that are equal exactly when two channels share a mask.
+        """Low-resolution keys ``[G, K, h, w]``: two channels with equal keys have equal masks.
 
         Masks are a deterministic function of the min-max normalised activation map: bit for bit with
         ``protocol="torchcam"`` (it normalises before upsampling), and up to float rounding with the authors'
         order (upsample, then normalise), because bilinear upsampling is linear and min-max normalisation
-        scale- and shift-invariant. So channels whose maps differ by a positive scale and shift -- the one-hot
-        maps of a sparse ReLU layer, ~5 % of the Coral MobileNetV2's ``features.18`` channels on real images --
-        get one forward. Comparing 7x7 keys instead of 224x224 masks is also cheaper.
+        scale- and shift-invariant. So channels whose maps differ by a positive scale and shift -- the
+        one-hot maps of a sparse ReLU layer, ~5 % of the Coral MobileNetV2's ``features.18`` channels on real
+        images -- get one forward. Comparing 7x7 keys instead of 224x224 masks is also cheaper.
         """
         if self.protocol == "torchcam":
             shifted = activation - activation.amin(dim=(-2, -1), keepdim=True)
@@ -420,8 +420,8 @@ class SSCAM(_ScoreFamily):
     :func:`sscam_noise_seed(seed, k) <sscam_noise_seed>` for each channel ``k`` (``N`` tensors of shape
     ``[3, H, W]``), so the result is repeatable and does not depend on the input's dtype, the batch size,
     the other images in the batch or deduplication (channels with identical normalised activation maps
-    share their representative's noise). It does depend on the device type: CPU and CUDA generators draw different
-    streams (drawing on the CPU and copying would cost more than the forwards on a GPU). With
+    share their representative's noise). It does depend on the device type: CPU and CUDA generators draw
+    different streams (drawing on the CPU and copying would cost more than the forwards on a GPU). With
     ``protocol="torchcam"`` the noise (std ``sigma``, shape ``[1, H, W]``) is added to the upsampled mask as
     in TorchCAM, scores are logit differences and weights a softmax across channels.
 
