@@ -215,7 +215,8 @@ def banner(runs: Sequence[BookRun], *, note: str | None = None) -> Any:
     for run in runs:
         config = run.config
         provenance = run.store.provenance() or {}
-        device = provenance.get("device") or run.device or config.device
+        # before the first run there is no provenance: name the device the run will use, not "auto"
+        device = provenance.get("device") or experiment._device_name(_device(run))
         images = config.data.num_images if config.data.num_images is not None else "all"
         items.append(
             "<li>"

@@ -167,3 +167,14 @@ def test_select_by_config_keeps_that_configs_rows(synthetic: pd.DataFrame) -> No
     chosen = tables.select(frame, config)
     assert set(chosen["method"]) == {"scorecam"} and len(chosen) == 4
     assert tables.select(frame, load_config("paper-resnet18", ["methods=[scorecam]"])).empty
+
+
+def test_banner_names_the_resolved_device_before_the_first_run(tmp_path: Path) -> None:
+    """An empty store has no provenance yet: the banner names the device the run will use, never "auto"."""
+    from iscam import figures
+
+    (run,) = figures.book_runs("smoke", results=str(tmp_path))
+    assert run.config.device == "auto" and run.store.provenance() in (None, {})
+    page = figures.banner([run]).data
+    assert "<strong>device</strong> cpu (" in page and "<strong>device</strong> auto" not in page
+    assert "<code>smoke</code>" in page
