@@ -314,22 +314,37 @@ def test_forward_count_counts_clean_and_masked_images(tiny_cnn: nn.Module) -> No
 
 
 # ---------------------------------------------------------------------------- skipping and deduplication
-class Redundant(nn.Module):
-    """TinyCNN whose target layer ("mix") repeats channels 0 and 1 and adds an all-zero and a constant one."""
+class ExtendedLayer(nn.Module):
+    """TinyCNN whose target layer ("mix") holds its 6 feature maps followed by the channels ``extra(maps)``."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra: Callable[[Tensor], list[Tensor]]) -> None:
         super().__init__()
         from conftest import TinyCNN
 
         torch.manual_seed(0)
         self.body = TinyCNN().features
+        self.extra = extra
         self.mix = nn.Identity()
-        self.head = nn.Linear(10, 5)
+        self.head = nn.Linear(6 + len(extra(torch.zeros(1, 6, 8, 8))), 5)
 
     def forward(self, x: Tensor) -> Tensor:
         a = self.body(x)
-        a = torch.cat([a, a[:, :2], torch.zeros_like(a[:, :1]), torch.full_like(a[:, :1], 3.0)], dim=1)
+        a = torch.cat([a, *self.extra(a)], dim=1)
         return self.head(self.mix(a).mean(dim=(2, 3)))
+
+
+def redundant_channels(a: Tensor) -> list[Tensor]:
+    """Channels 0 and 1 again, an all-zero channel and a constant one."""
+    return [a[:, :1], a[:, 1:2], torch.zeros_like(a[:, :1]), torch.full_like(a[:, :1], 3.0)]
+
+
+def proportional_channels(a: Tensor) -> list[Tensor]:
+    """Channel 0 times 4, and two pairs of one-hot maps of different heights: maps that differ only by a
+    positive scale, as a sparse ReLU6 layer produces (the Coral MobileNetV2's features.18)."""
+    # two positions in the same half of the map: equal sums, so a sum fingerprint cannot tell them apart
+    first, second = torch.zeros_like(a[:, :1]), torch.zeros_like(a[:, :1])
+    first[..., 1, 2], second[..., 2, 1] = 1.0, 1.0
+    return [4.0 * a[:, :1], 2.7 * first, 0.3 * first, 1.5 * second, 0.9 * second]
 
 
 @pytest.mark.parametrize(
@@ -343,7 +358,7 @@ class Redundant(nn.Module):
     ids=["scorecam", "iscam", "sscam", "iscam-torchcam"],
 )
 def test_dedup_and_skipping_change_cost_not_results(make: Callable) -> None:
-    model = Redundant().eval().double()
+    model = ExtendedLayer(redundant_channels).eval().double()
     x = tiny_input(batch=2)
     with make(model, True) as fast, make(model, False) as slow:
         torch.testing.assert_close(fast.channel_weights(x), slow.channel_weights(x), rtol=0, atol=1e-12)
@@ -360,28 +375,6 @@ def test_dedup_and_skipping_change_cost_not_results(make: Callable) -> None:
         torch.testing.assert_close(weights[:, 6:8], weights[:, 0:2], rtol=0, atol=0)
 
 
-class Proportional(nn.Module):
-    """TinyCNN whose target layer adds channel 0 times 4 and two pairs of one-hot maps of different heights:
-    maps that differ only by a positive scale, as a sparse ReLU6 layer produces (Coral MobileNetV2)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        from conftest import TinyCNN
-
-        torch.manual_seed(0)
-        self.body = TinyCNN().features
-        self.mix = nn.Identity()
-        self.head = nn.Linear(11, 5)
-
-    def forward(self, x: Tensor) -> Tensor:
-        a = self.body(x)
-        # two positions in the same half of the map: equal sums, so a sum fingerprint cannot tell them apart
-        first, second = torch.zeros_like(a[:, :1]), torch.zeros_like(a[:, :1])
-        first[..., 1, 2], second[..., 2, 1] = 1.0, 1.0
-        a = torch.cat([a, 4.0 * a[:, :1], 2.7 * first, 0.3 * first, 1.5 * second, 0.9 * second], dim=1)
-        return self.head(self.mix(a).mean(dim=(2, 3)))
-
-
 @pytest.mark.parametrize(
     "make",
     [
@@ -393,7 +386,7 @@ class Proportional(nn.Module):
 )
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_dedup_merges_proportional_maps_at_rounding_cost(make: Callable, dtype: torch.dtype) -> None:
-    model = Proportional().eval().to(dtype)
+    model = ExtendedLayer(proportional_channels).eval().to(dtype)
     x = tiny_input(batch=2).to(dtype)
     tolerance = 1e-12 if dtype == torch.float64 else 1e-6
     with make(model, True) as fast, make(model, False) as slow:
