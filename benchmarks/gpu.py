@@ -355,9 +355,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.torchcam_images = min(args.torchcam_images or 2, args.images)
     args.floor_batch = args.floor_batch or (16 if args.small else 512)
     if args.small:
-        # Minutes on a 2-core CPU: one image, fp32 (bf16 pays only on CPUs with AMX: pass --precisions fp32 bf16
-        # there, 2-3x faster), no compilation, the random
-        # models at 64x64 but the Coral MobileNetV2 at its own 224x224 on a real image, where the
+        # Minutes on a 2-core CPU: one image, fp32 (bf16 pays only on CPUs with AMX: there pass
+        # --precisions fp32 bf16, 2-3x faster), no compilation, the random models at 64x64 but the
+        # Coral MobileNetV2 at its own 224x224 on a real image, where the
         # iscam/TorchCAM ratio is meaningful (its constant and duplicate channels are those of real data).
         args.compile = False
         if args.models_default:
