@@ -91,6 +91,12 @@ def sscam_noise_seed(seed: int, channel: int) -> int:
     return (seed * 1_000_003 + channel) % (2**63)
 
 
+def _torchcam_normalise(activation: Tensor) -> Tensor:
+    """TorchCAM's min-max normalisation of the low-resolution maps (an epsilon instead of a zero check)."""
+    shifted = activation - activation.amin(dim=(-2, -1), keepdim=True)
+    return shifted / (shifted.amax(dim=(-2, -1), keepdim=True) + _TORCHCAM_EPS)
+
+
 class _ScoreFamily(CAM):
     """Shared batching of the Score family; a subclass defines ``_steps`` and ``_perturb``."""
 
@@ -147,10 +153,7 @@ class _ScoreFamily(CAM):
         combined = torch.einsum("bk,bkhw->bhw", weights.to(activation.dtype), activation).unsqueeze(1)
         size = (x.shape[-2], x.shape[-1])
         if self.protocol == "torchcam":
-            cam = torch.relu(combined)
-            low = cam.amin(dim=(-2, -1), keepdim=True)
-            cam = (cam - low) / ((cam - low).amax(dim=(-2, -1), keepdim=True) + _TORCHCAM_EPS)
-            return upsample(cam, size).squeeze(1)
+            return upsample(_torchcam_normalise(torch.relu(combined)), size).squeeze(1)
         return minmax_normalize(torch.relu(upsample(combined, size))).squeeze(1)
 
     # ------------------------------------------------------------------ machinery
@@ -248,9 +251,7 @@ class _ScoreFamily(CAM):
     def _masks(self, activation: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """Normalised masks ``[G, K, H, W]`` and which channels are scored (``[G, K]`` bool)."""
         if self.protocol == "torchcam":
-            shifted = activation - activation.amin(dim=(-2, -1), keepdim=True)
-            normalised = shifted / (shifted.amax(dim=(-2, -1), keepdim=True) + _TORCHCAM_EPS)
-            masks = upsample(normalised, size).contiguous()
+            masks = upsample(_torchcam_normalise(activation), size).contiguous()
             return masks, torch.ones(masks.shape[:2], dtype=torch.bool, device=masks.device)
         masks = upsample(activation, size)
         if masks is activation:  # already at the input size: normalise a copy, not the activation
@@ -272,13 +273,9 @@ class _ScoreFamily(CAM):
         images -- get one forward. Comparing 7x7 keys instead of 224x224 masks is also cheaper.
         """
         if self.protocol == "torchcam":
-            shifted = activation - activation.amin(dim=(-2, -1), keepdim=True)
-            return shifted / (shifted.amax(dim=(-2, -1), keepdim=True) + _TORCHCAM_EPS)
+            return _torchcam_normalise(activation)
         # float64, so only maps whose normalised values agree to ~1e-16 merge
-        wide = activation.to(torch.float64)
-        low = wide.amin(dim=(-2, -1), keepdim=True)
-        span = wide.amax(dim=(-2, -1), keepdim=True) - low
-        return (wide - low) / torch.where(span > 0, span, torch.ones_like(span))
+        return minmax_normalize(activation.to(torch.float64))
 
     @staticmethod
     def _canonical(keys: Tensor, valid: Tensor) -> Tensor:
