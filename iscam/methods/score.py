@@ -19,9 +19,9 @@ is ``ReLU(sum_k w_k A_k)`` normalised at the layer's resolution, then upsampled.
 
 Speed: every (image, channel, step) triple is one row of a work list that is forwarded in chunks of
 ``batch_size`` across channels, steps and images; constant channels are never forwarded, channels whose
-normalised masks are bit-for-bit identical are forwarded once and share the result, scores stay on the
-device until the end, and ``amp="bf16"|"fp16"``, ``channels_last=True`` and ``compile=True`` speed up the
-perturbed forwards.
+min-max normalised activation maps are identical (so their masks agree up to float rounding) are forwarded
+once and share the result, scores stay on the device until the end, and ``amp="bf16"|"fp16"``,
+``channels_last=True`` and ``compile=True`` speed up the perturbed forwards.
 """
 
 from __future__ import annotations
@@ -282,9 +282,8 @@ class _ScoreFamily(CAM):
         """For each channel, the first channel of the same image with an identical key (``[G, K]``).
 
         Rows (image, skipped flag, key) are grouped exactly by ``torch.unique``, which is cheap on the
-        low-resolution keys. (Grouping by a few sums, as an earlier version did, let every one-hot map fall
-        in one group whatever its position, so most true duplicates were missed.) Skipped channels are their
-        own representatives.
+        low-resolution keys; sum fingerprints would not do, since every one-hot map has the same sums
+        wherever its pixel is. Skipped channels are their own representatives.
         """
         n_images, n_channels = valid.shape
         rows = n_images * n_channels
