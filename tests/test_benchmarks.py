@@ -5,22 +5,34 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@contextmanager
+def loaded_script(file: str, name: str) -> Iterator[ModuleType]:
+    """A benchmark script imported as module ``name`` (registered while in use: dataclasses look it up)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / file)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)
 
 
 @pytest.fixture(scope="module")
-def gpu_benchmark():
-    spec = importlib.util.spec_from_file_location("gpu_benchmark", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+def gpu_benchmark() -> Iterator[ModuleType]:
+    with loaded_script("gpu.py", "gpu_benchmark") as module:
+        yield module
 
 
 def test_small_cpu_run_writes_the_table(gpu_benchmark, tmp_path: Path, capsys) -> None:
@@ -62,12 +74,9 @@ def test_channel_shares_count_what_score_cam_skips(assets: Path, tmp_path: Path)
     from iscam import methods, models
     from iscam.data import ManifestDataset, iter_batches, sample_manifest
 
-    spec = importlib.util.spec_from_file_location("channel_shares", SCRIPT.with_name("channel_shares.py"))
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     out = tmp_path / "shares.json"
-    assert module.main(["--model", "mobilenet_v1_coral_tiny", "--images", "3", "--out", str(out)]) == 0
+    with loaded_script("channel_shares.py", "channel_shares") as module:
+        assert module.main(["--model", "mobilenet_v1_coral_tiny", "--images", "3", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["images"] == 3 and report["channels"] == 256
 
