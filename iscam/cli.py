@@ -160,7 +160,7 @@ def explain(image: str | os.PathLike[str], *, model: str, method: str, out: str 
 
     from . import methods as iscam_methods
     from . import models as iscam_models
-    from .config import data_root as resolve_root
+    from .paths import data_root as resolve_root
     from .plots import overlay, save_png
 
     path = Path(image)
@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     handlers = {"run": _command_run, "table": _command_table, "explain": _command_explain,
                 "compact": _command_compact}
-    from .config import DataRootError
+    from .paths import DataRootError
     from .experiment import ConfigError
     from .store import StoreError
     from .tables import TableError

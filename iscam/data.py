@@ -36,7 +36,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from iscam import config
+from iscam import paths
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -419,7 +419,7 @@ def sample_manifest(
     data_root: str | os.PathLike[str] | None = None, name: str = "imagenet-val-sample"
 ) -> Path:
     """Path of ``<data root>/<name>/manifest.csv``, with an error saying what the data root should hold."""
-    root = config.data_root(data_root)
+    root = paths.data_root(data_root)
     path = root / name / "manifest.csv"
     if not path.is_file():
         present = sorted(p.name for p in root.iterdir() if p.is_dir())

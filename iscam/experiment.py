@@ -897,7 +897,7 @@ def run(config: ExperimentConfig, *, out: str | os.PathLike[str] | None = None,
 
     from . import data as iscam_data
     from . import models as iscam_models
-    from .config import data_root as resolve_root
+    from .paths import data_root as resolve_root
 
     started = _now()
     requested = device or config.device

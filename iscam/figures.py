@@ -343,7 +343,7 @@ def choose_images(run: BookRun, wanted: Sequence[str] = ("basenji", "capuchin", 
     the data has (the paper shows a Basenji, a Capuchin and a Whippet), then the first images of the
     run's selection until ``count`` rows."""
     from . import data as iscam_data
-    from .config import data_root as resolve_root
+    from .paths import data_root as resolve_root
     from .models import imagenet_categories
 
     categories = imagenet_categories()
@@ -367,7 +367,7 @@ def choose_images(run: BookRun, wanted: Sequence[str] = ("basenji", "capuchin", 
 
 def _loaded_model(run: BookRun) -> Any:
     from . import models
-    from .config import data_root as resolve_root
+    from .paths import data_root as resolve_root
 
     device = _device(run)
     return models.load(run.config.model.name, run.config.model.weights, data_root=resolve_root(run.data_root),
@@ -383,7 +383,7 @@ def _device(run: BookRun) -> torch.device:
 
 def _dataset(run: BookRun, preprocess: Any) -> Any:
     from . import data as iscam_data
-    from .config import data_root as resolve_root
+    from .paths import data_root as resolve_root
 
     text = run.config.data.manifest
     manifest = Path(text) if text.endswith(".csv") else Path(iscam_data.sample_manifest(resolve_root(run.data_root), text))

@@ -32,7 +32,7 @@ import torchvision
 from torch import nn
 from torchvision.models import get_model_weights
 
-from iscam import config
+from iscam import paths
 from iscam.data import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from iscam.layers import DEFAULT_TARGET_LAYERS, resolve_layer
 from iscam.tflite import load_tflite
@@ -121,9 +121,9 @@ def _load_torchvision(name: str, weights: Any) -> nn.Module:
 def _coral_file(name: str, data_root: str | os.PathLike[str] | None) -> Path:
     spec = CORAL_MODELS[name]
     try:
-        root = config.data_root(data_root)
-    except config.DataRootError as exc:
-        raise config.DataRootError(f"{name} needs models/{spec.file} under a data root: {exc}") from exc
+        root = paths.data_root(data_root)
+    except paths.DataRootError as exc:
+        raise paths.DataRootError(f"{name} needs models/{spec.file} under a data root: {exc}") from exc
     path = root / "models" / spec.file
     if not path.is_file():
         raise FileNotFoundError(

@@ -26,7 +26,7 @@ MobileNetV1 ``features.1`` ... ``features.13`` are the depthwise-separable block
 
 The float model is not bit-exact with the int8 interpreter (activations are not re-quantised), so top-1
 agreement is high but not 100 %: see ``tests/test_tflite.py``. Conversions are cached under
-:func:`iscam.config.cache_dir` keyed by the file's SHA-256.
+:func:`iscam.paths.cache_dir` keyed by the file's SHA-256.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iscam.config import cache_dir
+from iscam.paths import cache_dir
 
 __all__ = [
     "CONVERTER_VERSION",

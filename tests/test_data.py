@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from iscam.config import DataRootError
+from iscam.paths import DataRootError
 from iscam.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,

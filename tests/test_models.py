@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from iscam import models
-from iscam.config import DataRootError
+from iscam.paths import DataRootError
 from iscam.data import IMAGENET_MEAN, Preprocess
 from iscam.layers import resolve_layer
 

@@ -1,4 +1,4 @@
-"""Where iscam finds its data and keeps its caches.
+"""Where iscam finds its data and keeps its caches (the data root, the cache folder).
 
 The data root holds the models and images the project reads but never ships: a user points it at their
 own ImageNet, CI at ``../shared/assets``. It is taken, in order, from an explicit argument, the
