@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 
 from . import experiment, tables
+from . import provenance as provenance_module
 from .store import ResultsStore
 
 __all__ = [
@@ -216,7 +217,7 @@ def banner(runs: Sequence[BookRun], *, note: str | None = None) -> Any:
         config = run.config
         provenance = run.store.provenance() or {}
         # before the first run there is no provenance: name the device the run will use, not "auto"
-        device = provenance.get("device") or experiment._device_name(_device(run))
+        device = provenance.get("device") or provenance_module.device_name(_device(run))
         images = config.data.num_images if config.data.num_images is not None else "all"
         items.append(
             "<li>"

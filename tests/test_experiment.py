@@ -107,7 +107,7 @@ def test_bad_overrides_name_the_problem(override: str, message: str) -> None:
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_the_runner_forwards_in_the_config_precision(precision: str, dtype: torch.dtype) -> None:
     """Targets and metric frames run in the precision the methods use (fp16 once ran metrics in fp32)."""
-    from iscam.experiment import _autocast
+    from iscam.runner import _autocast
 
     with _autocast(torch.device("cpu"), precision):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == dtype
@@ -234,9 +234,16 @@ def assert_same_rows(actual: pd.DataFrame, expected: pd.DataFrame, *, atol: floa
             assert a.tolist() == e.tolist(), column
 
 
+# Every run whose rows are compared uses one intra-op thread: reductions split over a different number of
+# threads add in a different order, and torchrun gives each worker OMP_NUM_THREADS=1. Comparisons then hold
+# to float rounding whatever the machine's load or core count.
+COMPARED_THREADS = 1
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = str(COMPARED_THREADS)
     return env
 
 
@@ -249,7 +256,12 @@ def _smoke(out: Path, *extra: str) -> list[str]:
 def reference(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> Path:
     """An uninterrupted, in-process run of the smoke config."""
     out = tmp_path_factory.mktemp("reference") / "smoke"
-    summary = run(load_config("smoke"), out=out, device="cpu", progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(COMPARED_THREADS)
+    try:
+        summary = run(load_config("smoke"), out=out, device="cpu", progress=False)
+    finally:
+        torch.set_num_threads(threads)
     assert summary.rows_written == 4 * 7 and summary.rows_skipped == 0 and not summary.images_skipped
     return out
 
@@ -324,8 +336,24 @@ def _parts(out: Path) -> int:
     return len(list((out / "parts").glob("part-*.parquet"))) if (out / "parts").is_dir() else 0
 
 
+def _stopped(process: subprocess.Popen) -> bool:
+    """Wait until ``process`` is stopped by SIGSTOP (True) or has exited (False)."""
+    stat = Path(f"/proc/{process.pid}/stat")
+    while process.poll() is None:
+        try:
+            state = stat.read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state in ("T", "t"):
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def test_sigint_then_sigkill_at_random_points_then_resume_equals_uninterrupted(reference: Path,
                                                                                 tmp_path: Path) -> None:
+    """Each round freezes the run with SIGSTOP at a random point, checks that work is left (so the run
+    cannot finish before the signal lands: the state is checked, never timed), then interrupts it."""
     out = tmp_path / "killed"
     rng = random.Random(5)
     total_parts = 7 * 2  # 7 methods x 2 batches of 2 images
@@ -337,16 +365,22 @@ def test_sigint_then_sigkill_at_random_points_then_resume_equals_uninterrupted(r
             break
         process = subprocess.Popen(_smoke(out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True)
-        # kill after a random amount of new work (0 = possibly still starting up), at a random instant after it
-        # never wait for the last part: a process that finishes first would make this round a plain rerun
+        # interrupt after a random amount of new work (0 = possibly still starting up), at a random instant
         wanted = min(start_parts + rng.randint(0 if number else 1, 3), total_parts - 1)
         deadline = time.monotonic() + 240
         while _parts(out) < wanted and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 0.6))
-        if process.poll() is not None:
+        time.sleep(rng.uniform(0.0, 0.3))
+        process.send_signal(signal.SIGSTOP)
+        if not _stopped(process):  # it finished before the stop: nothing left to interrupt
+            process.communicate(timeout=120)
+            break
+        if _parts(out) >= total_parts:  # frozen after its last part: the signal could land after the run
+            process.kill()
+            process.communicate(timeout=120)
             break
         process.send_signal(sig)
+        process.send_signal(signal.SIGCONT)
         delivered.append(sig)
         stdout, stderr = process.communicate(timeout=120)
         if sig == signal.SIGINT:

@@ -45,21 +45,13 @@ __all__ = [
 #: Registry names of the six methods the paper compares, in the paper's table order.
 METHOD_NAMES: tuple[str, ...] = ("gradcam", "gradcampp", "smoothgradcampp", "scorecam", "sscam", "iscam")
 
-#: Display names (the paper's six, plus the random baseline row).
-PAPER_NAMES: dict[str, str] = {
-    "gradcam": "Grad-CAM",
-    "gradcampp": "Grad-CAM++",
-    "smoothgradcampp": "Smooth Grad-CAM++",
-    "scorecam": "Score-CAM",
-    "sscam": "SS-CAM",
-    "iscam": "IS-CAM",
-    "random": "Random",
-}
-
 #: Every method class by registry name.
 METHODS: dict[str, type[CAM]] = {
     cls.name: cls for cls in (GradCAM, GradCAMpp, SmoothGradCAMpp, ScoreCAM, SSCAM, ISCAM, RandomCAM)
 }
+
+#: Display names (the paper's six, plus the random baseline row), from the classes.
+PAPER_NAMES: dict[str, str] = {name: cls.display_name for name, cls in METHODS.items()}
 
 
 def get(name: str, model: nn.Module, target_layer: str | nn.Module | None = None, **kwargs: Any) -> CAM:

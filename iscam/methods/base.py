@@ -137,8 +137,17 @@ class CAM(ABC):
 
     #: Registry name used by :func:`iscam.methods.get`.
     name: ClassVar[str] = ""
+    #: The name tables and figures show (the paper's spelling).
+    display_name: ClassVar[str] = ""
     #: Whether the method reads a target layer (the random baseline does not).
     uses_layer: ClassVar[bool] = True
+    #: Whether the map depends on random numbers (then a ``seed`` argument makes it repeatable).
+    stochastic: ClassVar[bool] = False
+    #: Constructor parameters that change speed or memory, never the map: kept out of a stored row's key.
+    execution_params: ClassVar[frozenset[str]] = frozenset({"batch_size", "amp", "channels_last"})
+    #: Bumped whenever a change to the code changes this method's maps; stored with every row, so results
+    #: of an older algorithm are never mixed with new ones (see :mod:`iscam.runner`).
+    algorithm_version: ClassVar[int] = 1
 
     def __init__(
         self,

@@ -21,7 +21,9 @@ class RandomCAM(CAM):
     """
 
     name = "random"
+    display_name = "Random"
     uses_layer = False
+    stochastic = True
 
     def __init__(
         self,

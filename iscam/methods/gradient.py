@@ -73,6 +73,7 @@ class GradCAM(_GradientFamily):
     """
 
     name = "gradcam"
+    display_name = "Grad-CAM"
 
     def _channel_weights(self, x: Tensor, target: Target) -> tuple[Tensor, Tensor]:
         activation, gradient, _ = self._activation_and_gradient(x, target)
@@ -93,6 +94,7 @@ class GradCAMpp(_GradientFamily):
     """
 
     name = "gradcampp"
+    display_name = "Grad-CAM++"
 
     def _channel_weights(self, x: Tensor, target: Target) -> tuple[Tensor, Tensor]:
         activation, gradient, _ = self._activation_and_gradient(x, target)
@@ -123,6 +125,8 @@ class SmoothGradCAMpp(_GradientFamily):
     """
 
     name = "smoothgradcampp"
+    display_name = "Smooth Grad-CAM++"
+    stochastic = True
 
     def __init__(
         self,

@@ -118,6 +118,8 @@ class _ScoreFamily(CAM):
         self._compiled: nn.Module | None = None
         super().__init__(model, target_layer, batch_size=batch_size, amp=amp, channels_last=channels_last)
 
+    execution_params = CAM.execution_params | {"dedup", "compile"}
+
     # Perturbed inputs per mask: 1 for Score-CAM, N for SS-CAM and IS-CAM.
     _steps: int = 1
     # Whether duplicate channels must know their representative even without dedup (seeded noise).
@@ -326,6 +328,7 @@ class ScoreCAM(_ScoreFamily):
     """
 
     name = "scorecam"
+    display_name = "Score-CAM"
 
 
 class ISCAM(_ScoreFamily):
@@ -352,6 +355,7 @@ class ISCAM(_ScoreFamily):
     """
 
     name = "iscam"
+    display_name = "IS-CAM"
 
     def __init__(
         self,
@@ -434,6 +438,8 @@ class SSCAM(_ScoreFamily):
     """
 
     name = "sscam"
+    display_name = "SS-CAM"
+    stochastic = True
     _needs_canonical = True
 
     def __init__(

@@ -1,0 +1,576 @@
+"""The run schema: experiment configs, their validation, ``--set`` overrides and the keys of stored rows.
+
+A run is described by a small YAML config (shipped in ``iscam/configs/<name>.yaml``, read with
+:mod:`importlib.resources`; ``paper-vgg16.yaml`` comments every field) or any YAML path.
+:func:`load_config` reads one by name or path and applies ``--set``-style overrides::
+
+    config = load_config("smoke", ["data.num_images=2", "methods.iscam.N=3"])
+
+Which method parameters change results (and so belong to a row's key) is read from the method classes
+(:attr:`iscam.methods.CAM.execution_params`, :attr:`~iscam.methods.CAM.stochastic`), never listed here.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import inspect
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from .store import params_key
+
+__all__ = [
+    "DEVICES",
+    "ConfigError",
+    "ModelSpec",
+    "DataSpec",
+    "MethodSpec",
+    "MetricsSpec",
+    "ExperimentConfig",
+    "CONFIG_DIR",
+    "config_names",
+    "find_config",
+    "load_config",
+    "config_from_dict",
+    "apply_overrides",
+    "parse_override",
+    "image_seed",
+    "method_class",
+    "method_key",
+    "method_kwargs",
+    "resolved_params",
+    "select_indices",
+    "default_output",
+]
+
+log = logging.getLogger("iscam.config")
+
+#: the configs shipped inside the package; a config may also be any YAML path.
+CONFIG_DIR: Traversable = resources.files("iscam") / "configs"
+#: constructor parameters the runner sets itself (from batch_size, precision and seed in the config).
+_RUNNER_PARAMS = frozenset({"batch_size", "amp", "device", "seed", "generator"})
+DEVICES = ("auto", "cpu", "cuda")
+_PRECISIONS = ("fp32", "bf16", "fp16")
+_RESIZES = ("crop", "stretch")
+_METRIC_PARAMS: dict[str, frozenset[str]] = {
+    "insertion": frozenset({"step", "substrate"}),
+    "deletion": frozenset({"step", "substrate"}),
+    "confidence": frozenset(),
+    "pointing": frozenset(),
+}
+
+
+class ConfigError(ValueError):
+    """A config that cannot be found, parsed or validated; the message names the field."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Config schema
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """``name``: an :data:`iscam.models.MODEL_NAMES` entry; ``weights``: ``"default"`` (torchvision's
+    ImageNet weights / the Coral file under the data root), ``None`` (random init) or a path;
+    ``resize``: ``"crop"`` (Resize(224)+CenterCrop, the authors') or ``"stretch"``; ``target_layer``:
+    ``None`` = the architecture's default (:data:`iscam.layers.DEFAULT_TARGET_LAYERS`)."""
+
+    name: str
+    weights: str | None = "default"
+    resize: str = "crop"
+    target_layer: str | None = None
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """``manifest``: a folder name under the data root holding ``manifest.csv`` (e.g.
+    ``imagenet-val-sample``) or a path to a CSV (relative paths: the working directory, then the
+    repository); ``image_dir``: where the manifest's files are (relative to the data root; ``None`` = beside
+    the manifest); ``num_images``: ``None`` = all; ``seed``: ``None`` takes the first ``num_images`` in
+    manifest order, an int draws them uniformly without replacement (then sorts them)."""
+
+    manifest: str = "imagenet-val-sample"
+    image_dir: str | None = None
+    num_images: int | None = None
+    seed: int | None = 0
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method to run: an :mod:`iscam.methods` name and its keyword parameters (N, schedule, ...)."""
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return params_key(self.params)
+
+    def label(self) -> str:
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        return f"{self.name}({shown})" if shown else self.name
+
+
+@dataclass(frozen=True)
+class MetricsSpec:
+    """Which metrics to compute and their parameters; a metric set to ``None`` is skipped (NaN columns).
+
+    ``insertion``/``deletion``: ``step`` (pixels per frame, 224 in the paper) and ``substrate``
+    (``zeros`` or ``blur``); ``confidence`` (Average Drop, Increase in Confidence, Win %) and
+    ``pointing`` (energy-based pointing game) take no parameters. ``batch_size``: frames per forward pass
+    (speed only)."""
+
+    insertion: Mapping[str, Any] | None = field(default_factory=lambda: {"step": 224, "substrate": "blur"})
+    deletion: Mapping[str, Any] | None = field(default_factory=lambda: {"step": 224, "substrate": "zeros"})
+    confidence: Mapping[str, Any] | None = field(default_factory=dict)
+    pointing: Mapping[str, Any] | None = field(default_factory=dict)
+    batch_size: int = 256
+
+    @property
+    def key(self) -> str:
+        """What the metric values depend on (not ``batch_size``)."""
+        return params_key({name: getattr(self, name) for name in _METRIC_PARAMS})
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A validated run description (build it with :func:`load_config` / :func:`config_from_dict`)."""
+
+    name: str
+    model: ModelSpec
+    data: DataSpec
+    methods: tuple[MethodSpec, ...]
+    metrics: MetricsSpec = field(default_factory=MetricsSpec)
+    description: str = ""
+    profile: str = ""
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+    batch_size: int = 32
+    forward_batch_size: int = 128
+    channels_last: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (the YAML schema); ``config_from_dict(c.to_dict()) == c``."""
+        raw = dataclasses.asdict(self)
+        raw["methods"] = [{"name": m.name, "params": dict(m.params)} for m in self.methods]
+        return raw
+
+    def method_key(self, spec: MethodSpec) -> str:
+        """The ``params_key`` of ``spec``'s rows: :func:`resolved_params` (the method's defaults filled
+        in, so ``{}`` and ``{"N": 10}`` are the same rows) plus, for stochastic methods, the config seed."""
+        return method_key(spec.name, spec.params, seed=self.seed)
+
+    def replace(self, **changes: Any) -> ExperimentConfig:
+        """A copy with some top-level fields changed and validated again (e.g. ``methods=[...]``)."""
+        raw = self.to_dict()
+        raw.update(changes)
+        return config_from_dict(raw)
+
+
+_SCHEMA: dict[str, Any] = {
+    "name": str,
+    "description": str,
+    "profile": str,
+    "model": {f.name: None for f in dataclasses.fields(ModelSpec)},
+    "data": {f.name: None for f in dataclasses.fields(DataSpec)},
+    "methods": list,
+    "metrics": {**{name: None for name in _METRIC_PARAMS}, "batch_size": None},
+    "seed": int,
+    "device": str,
+    "precision": str,
+    "batch_size": int,
+    "forward_batch_size": int,
+    "channels_last": bool,
+}
+
+
+def config_names() -> list[str]:
+    """Names of the configs shipped in ``iscam/configs/``."""
+    return sorted(p.name[: -len(".yaml")] for p in CONFIG_DIR.iterdir() if p.name.endswith(".yaml"))
+
+
+def find_config(name_or_path: str | os.PathLike[str]) -> Path | Traversable:
+    """The shipped ``<name>.yaml`` for a shipped name, else the path itself; clear error if neither exists."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.suffix in (".yaml", ".yml") or os.sep in text or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"config file {text!r} does not exist")
+        return path
+    shipped = CONFIG_DIR / f"{text}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(
+        f"unknown config {text!r}: give a YAML path or one of the shipped configs: {', '.join(config_names())}"
+    )
+
+
+def _int(value: Any, where: str, *, minimum: int | None = None, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{where} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    return value
+
+
+def _choice(value: Any, where: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{where} must be one of {', '.join(choices)}; got {value!r}")
+    return str(value)
+
+
+def _known_keys(section: Mapping[str, Any], allowed: Mapping[str, Any] | frozenset[str], where: str) -> None:
+    unknown = [k for k in section if k not in allowed]
+    if unknown:
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                          f"in {where}; known keys: {', '.join(sorted(allowed))}")
+
+
+def _method_spec(entry: Any, index: int) -> MethodSpec:
+    where = f"methods[{index}]"
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"{where} must be a method name or {{name: ..., params: {{...}}}}, got {entry!r}")
+    _known_keys(entry, {"name": None, "params": None}, where)
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}.name must be a method name, got {name!r}")
+    params = entry.get("params") or {}
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"{where}.params must be a mapping, got {params!r}")
+    for key in params:
+        if key in _RUNNER_PARAMS or key in ("model", "target_layer"):
+            raise ConfigError(f"{where}.params.{key} is set by the runner (see batch_size, precision, "
+                              "model.target_layer and seed at the top level of the config)")
+    try:
+        params_key(params)
+    except Exception as error:  # noqa: BLE001 - a StoreError naming the value
+        raise ConfigError(f"{where}.params: {error}") from None
+    return MethodSpec(name=name, params=dict(params))
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
+    """Validate plain data (a parsed YAML file) into an :class:`ExperimentConfig`."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"a config must be a mapping, got {type(raw).__name__}")
+    _known_keys(raw, _SCHEMA, "the config")
+    for required in ("name", "model", "methods"):
+        if raw.get(required) in (None, "", []):
+            raise ConfigError(f"the config needs {required!r}")
+    name = raw["name"]
+    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(f"name must be letters, digits, '-' or '_' (it names the results folder), got {name!r}")
+
+    model_raw = raw["model"]
+    if isinstance(model_raw, str):
+        model_raw = {"name": model_raw}
+    if not isinstance(model_raw, Mapping):
+        raise ConfigError(f"model must be a mapping, got {model_raw!r}")
+    _known_keys(model_raw, _SCHEMA["model"], "model")
+    if not isinstance(model_raw.get("name"), str):
+        raise ConfigError(f"model.name must be a model name, got {model_raw.get('name')!r}")
+    weights = model_raw.get("weights", "default")
+    if weights is not None and not isinstance(weights, str):
+        raise ConfigError(f"model.weights must be 'default', null or a path, got {weights!r}")
+    layer = model_raw.get("target_layer")
+    if layer is not None and not isinstance(layer, str):
+        raise ConfigError(f"model.target_layer must be a layer name or null, got {layer!r}")
+    model = ModelSpec(name=model_raw["name"], weights=weights,
+                      resize=_choice(model_raw.get("resize", "crop"), "model.resize", _RESIZES),
+                      target_layer=layer)
+
+    data_raw = raw.get("data") or {}
+    if not isinstance(data_raw, Mapping):
+        raise ConfigError(f"data must be a mapping, got {data_raw!r}")
+    _known_keys(data_raw, _SCHEMA["data"], "data")
+    manifest = data_raw.get("manifest", DataSpec.manifest)
+    if not isinstance(manifest, str) or not manifest:
+        raise ConfigError(f"data.manifest must be a folder name under the data root or a CSV path, got {manifest!r}")
+    image_dir = data_raw.get("image_dir")
+    if image_dir is not None and not isinstance(image_dir, str):
+        raise ConfigError(f"data.image_dir must be a folder or null, got {image_dir!r}")
+    data = DataSpec(manifest=manifest, image_dir=image_dir,
+                    num_images=_int(data_raw.get("num_images"), "data.num_images", minimum=1, allow_none=True),
+                    seed=_int(data_raw.get("seed", 0), "data.seed", minimum=0, allow_none=True))
+
+    methods_raw = raw["methods"]
+    if not isinstance(methods_raw, Sequence) or isinstance(methods_raw, str):
+        raise ConfigError(f"methods must be a list of {{name, params}}, got {methods_raw!r}")
+    methods = tuple(_method_spec(entry, i) for i, entry in enumerate(methods_raw))
+    seen: set[tuple[str, str]] = set()
+    for spec in methods:
+        if (spec.name, spec.key) in seen:
+            raise ConfigError(f"method {spec.label()} is listed twice")
+        seen.add((spec.name, spec.key))
+
+    metrics_raw = raw.get("metrics")
+    if metrics_raw is None:
+        metrics = MetricsSpec()
+    else:
+        if not isinstance(metrics_raw, Mapping):
+            raise ConfigError(f"metrics must be a mapping, got {metrics_raw!r}")
+        _known_keys(metrics_raw, _SCHEMA["metrics"], "metrics")
+        defaults = MetricsSpec()
+        chosen: dict[str, Any] = {}
+        for metric, allowed in _METRIC_PARAMS.items():
+            value = metrics_raw.get(metric, getattr(defaults, metric))
+            if value is None:
+                chosen[metric] = None
+                continue
+            if value is True or value == {}:
+                value = getattr(defaults, metric) or {}
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"metrics.{metric} must be a mapping of parameters or null, got {value!r}")
+            _known_keys(value, allowed, f"metrics.{metric}")
+            merged = {**(getattr(defaults, metric) or {}), **value}
+            if "step" in merged:
+                merged["step"] = _int(merged["step"], f"metrics.{metric}.step", minimum=1)
+            if "substrate" in merged:
+                merged["substrate"] = _choice(merged["substrate"], f"metrics.{metric}.substrate", ("zeros", "blur"))
+            chosen[metric] = merged
+        metrics = MetricsSpec(**chosen, batch_size=_int(metrics_raw.get("batch_size", defaults.batch_size),
+                                                        "metrics.batch_size", minimum=1))
+
+    return ExperimentConfig(
+        name=name,
+        description=str(raw.get("description") or ""),
+        profile=str(raw.get("profile") or ""),
+        model=model,
+        data=data,
+        methods=methods,
+        metrics=metrics,
+        seed=_int(raw.get("seed", 0), "seed", minimum=0),
+        device=_choice(raw.get("device", "auto"), "device", DEVICES),
+        precision=_choice(raw.get("precision", "fp32"), "precision", _PRECISIONS),
+        batch_size=_int(raw.get("batch_size", 32), "batch_size", minimum=1),
+        forward_batch_size=_int(raw.get("forward_batch_size", 128), "forward_batch_size", minimum=1),
+        channels_last=_bool(raw.get("channels_last", False), "channels_last"),
+    )
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"methods.iscam.N=15"`` -> (``["methods", "iscam", "N"]``, ``15``); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value (e.g. data.num_images=20)")
+    key, value_text = text.split("=", 1)
+    path = key.strip().split(".")
+    if not key.strip() or any(not part for part in path):
+        raise ConfigError(f"--set {text!r}: the key must be dotted names like methods.iscam.N")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({error})") from None
+    return path, value
+
+
+def _method_entry(methods: list[Any], selector: str, text: str) -> dict[str, Any]:
+    if selector.isdigit():
+        index = int(selector)
+        if index >= len(methods):
+            raise ConfigError(f"--set {text!r}: there are only {len(methods)} methods")
+        found = [index]
+    else:
+        names = [(e if isinstance(e, str) else (e or {}).get("name")) for e in methods]
+        found = [i for i, name in enumerate(names) if name == selector]
+        if not found:
+            raise ConfigError(f"--set {text!r}: no method {selector!r} in this config (it has "
+                              f"{', '.join(map(str, names))}); set methods=[...] to change the list")
+        if len(found) > 1:
+            raise ConfigError(f"--set {text!r}: {len(found)} methods are named {selector!r}; "
+                              f"select one by position, e.g. methods.{found[0]}.<param>")
+    entry = methods[found[0]]
+    if isinstance(entry, str):
+        entry = methods[found[0]] = {"name": entry, "params": {}}
+    entry.setdefault("params", {})
+    if entry["params"] is None:
+        entry["params"] = {}
+    return entry
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides to plain config data (a copy is returned).
+
+    Keys are dotted paths: ``data.num_images=20``, ``metrics.insertion.substrate=zeros``,
+    ``methods.iscam.N=15`` (a method by name, or by position ``methods.0.N``; a key other than ``name`` /
+    ``params`` under a method is one of its parameters), ``methods=[gradcam, random]`` (the whole list).
+    A mapping ``{"data.num_images": 20}`` is accepted too. Unknown keys raise :class:`ConfigError`.
+    """
+    result = copy.deepcopy(dict(raw))
+    items = (list(overrides.items()) if isinstance(overrides, Mapping)
+             else [parse_override(text) for text in overrides])
+    for key, value in items:
+        path = key.split(".") if isinstance(key, str) else list(key)
+        text = f"{'.'.join(path)}={value!r}"
+        head = path[0]
+        if head not in _SCHEMA:
+            raise ConfigError(f"--set {text}: unknown key {head!r}; known keys: {', '.join(sorted(_SCHEMA))}")
+        if head == "methods" and len(path) > 1:
+            methods = result.setdefault("methods", [])
+            entry = _method_entry(methods, path[1], text)
+            rest = path[2:]
+            if not rest:
+                raise ConfigError(f"--set {text}: name a parameter, e.g. methods.{path[1]}.N=15")
+            if rest[0] == "name" and len(rest) == 1:
+                entry["name"] = value
+                continue
+            target = entry["params"] if rest[0] != "params" else entry.setdefault("params", {})
+            rest = rest if rest[0] != "params" else rest[1:]
+            if not rest:
+                entry["params"] = value
+                continue
+            for part in rest[:-1]:
+                target = target.setdefault(part, {})
+            target[rest[-1]] = value
+            continue
+        node: Any = result
+        schema: Any = _SCHEMA
+        for depth, part in enumerate(path[:-1]):
+            if isinstance(schema, Mapping):
+                if part not in schema:
+                    raise ConfigError(f"--set {text}: unknown key {'.'.join(path[:depth + 1])!r}; known keys "
+                                      f"under {'.'.join(path[:depth]) or 'the config'}: {', '.join(sorted(schema))}")
+                schema = schema[part]
+            elif depth >= 2 or path[0] != "metrics":
+                raise ConfigError(f"--set {text}: {'.'.join(path[:depth + 1])!r} is not a section")
+            else:
+                schema = None
+            child = node.get(part) if isinstance(node, Mapping) else None
+            if not isinstance(child, dict):
+                child = node[part] = {} if child is None or isinstance(child, Mapping) else child
+                if not isinstance(child, dict):
+                    raise ConfigError(f"--set {text}: {'.'.join(path[:depth + 1])!r} is not a section")
+            node = child
+        leaf = path[-1]
+        if isinstance(schema, Mapping) and leaf not in schema:
+            where = ".".join(path[:-1]) or "the config"
+            raise ConfigError(f"--set {text}: unknown key {'.'.join(path)!r}; known keys under {where}: "
+                              f"{', '.join(sorted(schema))}")
+        node[leaf] = value
+    return result
+
+
+def load_config(name_or_path: str | os.PathLike[str],
+                overrides: Sequence[str] | Mapping[str, Any] = ()) -> ExperimentConfig:
+    """Read a config (shipped name or YAML path), apply ``overrides`` and validate it."""
+    path = find_config(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config {str(path)!r} is not valid YAML: {error}") from None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config {str(path)!r} must be a YAML mapping")
+    raw = apply_overrides(raw, overrides)
+    try:
+        return config_from_dict(raw)
+    except ConfigError as error:
+        raise ConfigError(f"{path.name}: {error}") from None
+
+
+def image_seed(seed: int, method: str, file: str) -> int:
+    """The seed of one stochastic map: a hash of (config seed, method, image file), in [0, 2**63)."""
+    digest = hashlib.sha256(f"{seed}\x00{method}\x00{file}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def default_output(config: ExperimentConfig) -> Path:
+    """``results/<config name>`` (relative to the working directory)."""
+    return Path("results") / config.name
+
+
+def select_indices(total: int, spec: DataSpec) -> list[int]:
+    """The manifest rows a run uses (see :class:`DataSpec`)."""
+    count = total if spec.num_images is None else min(spec.num_images, total)
+    if spec.num_images is not None and spec.num_images > total:
+        log.warning("data.num_images=%d but the manifest has %d images: using all", spec.num_images, total)
+    if spec.seed is None or count == total:
+        return list(range(count))
+    chosen = np.random.default_rng(spec.seed).choice(total, size=count, replace=False)
+    return sorted(int(i) for i in chosen)
+
+
+def method_class(name: str) -> Any:
+    """The :mod:`iscam.methods` class registered as ``name`` (a :class:`ConfigError` naming the known ones)."""
+    from .methods import METHODS
+
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def _signature_params(cls: Any) -> dict[str, inspect.Parameter]:
+    parameters = inspect.signature(cls).parameters
+    return {name: p for name, p in parameters.items() if name not in ("self", "model", "target_layer")}
+
+
+def _result_params(cls: Any) -> dict[str, inspect.Parameter]:
+    """The constructor parameters of ``cls`` that change its maps (not speed settings, not the seed)."""
+    skipped = cls.execution_params | _RUNNER_PARAMS
+    return {k: p for k, p in _signature_params(cls).items() if k not in skipped}
+
+
+def resolved_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` with the method's defaults for every result-affecting parameter it does not set.
+
+    Execution settings (the class's ``execution_params``: batch size, precision, memory layout, dedup, ...)
+    and the seed are left out: they change speed, or are set per image by the runner. Unknown parameter
+    names raise :class:`ConfigError`.
+    """
+    cls = method_class(name)
+    accepted = _signature_params(cls)
+    unknown = [k for k in params if k not in accepted]
+    if unknown:
+        known = list(_result_params(cls))
+        raise ConfigError(f"method {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+                          f"its parameters: {', '.join(known) or 'none'}")
+    result = _result_params(cls)
+    resolved = {k: p.default for k, p in result.items() if p.default is not inspect.Parameter.empty}
+    resolved.update((k, v) for k, v in params.items() if k in result)
+    return resolved
+
+
+def method_key(name: str, params: Mapping[str, Any], *, seed: int = 0) -> str:
+    """The ``params_key`` column of the rows of method ``name`` run with ``params`` (and, for the stochastic
+    methods, the config ``seed``): :func:`resolved_params` as canonical JSON."""
+    resolved = resolved_params(name, params)
+    if method_class(name).stochastic:
+        resolved["seed"] = seed
+    return params_key(resolved)
+
+
+def method_kwargs(config: ExperimentConfig, name: str, params: Mapping[str, Any], *,
+                  forward_batch: int | None = None) -> dict[str, Any]:
+    """Constructor keywords of method ``name``: its ``params`` plus the config's execution settings
+    (forward batch size, channels-last layout, ``amp`` from the precision) where the method accepts them."""
+    accepted = _signature_params(method_class(name))
+    kwargs: dict[str, Any] = dict(params)
+    if "batch_size" in accepted:
+        kwargs["batch_size"] = config.forward_batch_size if forward_batch is None else forward_batch
+    if config.channels_last and "channels_last" in accepted:
+        kwargs["channels_last"] = True
+    if config.precision != "fp32":
+        if "amp" not in accepted:
+            raise ConfigError(f"method {name!r} has no {config.precision} support (no 'amp' parameter)")
+        kwargs["amp"] = config.precision
+    return kwargs
+
