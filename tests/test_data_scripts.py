@@ -256,7 +256,7 @@ def test_fetch_assets_copies_verifies_and_downloads(tmp_path: Path) -> None:
 def test_fetch_assets_verifies_the_shared_assets(assets: Path) -> None:
     result = run("fetch_assets.py", "--data-root", assets)
     assert result.returncode == 0, result.stderr
-    assert "314 files listed" in result.stdout and "314 verified" in result.stdout
+    assert "318 files listed" in result.stdout and "318 verified" in result.stdout
 
 
 def test_fetch_assets_needs_a_data_root(monkeypatch: pytest.MonkeyPatch) -> None:
