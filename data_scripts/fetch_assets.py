@@ -91,10 +91,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    report = fetch.sync(
-        root, assets, source=args.source, link=args.link, download=args.download, base=args.url_base
-    )
+    progress = logging.StreamHandler(sys.stdout)  # one line per download, for this call only
+    logger = logging.getLogger("iscam.fetch")
+    logger.addHandler(progress)
+    logger.setLevel(logging.INFO)
+    try:
+        report = fetch.sync(
+            root, assets, source=args.source, link=args.link, download=args.download, base=args.url_base
+        )
+    finally:
+        logger.removeHandler(progress)
     print(
         f"{report.root}: {report.listed} files listed, {report.copied} copied/linked, {report.downloaded} "
         f"downloaded, {report.verified} verified, {len(report.missing)} missing, {len(report.wrong)} with a "
