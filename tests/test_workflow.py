@@ -78,6 +78,7 @@ def test_workflow_tests_builds_and_deploys() -> None:
     assert "--download" in fetch and '"$ISCAM_DATA"' in fetch and build["env"]["ISCAM_DATA"]
     assert runs.index(fetch) < runs.index("make test")
     uses = {step.get("uses", "").split("@")[0]: step for step in build["steps"]}
+    assert uses["actions/checkout"]["with"]["fetch-depth"] == 0  # the errata test needs every commit
     assert uses["actions/upload-pages-artifact"]["with"]["path"] == "book/_build/html"
     kept = uses["actions/upload-artifact"]
     assert kept["if"] == "failure()" and set(kept["with"]["path"].split()) == {
