@@ -252,9 +252,7 @@ class SyncReport:
     verified: int = 0  #: present with the registry's hash after the sync
     missing: list[str] = field(default_factory=list)  #: absent after the sync (``failed`` says why, if known)
     wrong: list[ChecksumError] = field(default_factory=list)  #: local files kept although their hash differs
-    failed: list[FetchError] = field(
-        default_factory=list
-    )  #: copies and downloads that failed or were refused
+    failed: list[FetchError] = field(default_factory=list)  #: failed or refused copies and downloads
 
     @property
     def ok(self) -> bool:
@@ -435,7 +433,8 @@ def ensure_assets(
     (a refused download, or a local file with another hash, which is kept) and :class:`FetchError` listing
     every file when more than one is missing or wrong; ``ValueError`` for bad arguments, before any work.
 
-    A notebook launched outside a checkout calls it when ``$ISCAM_DATA`` is unset::
+    A chapter's first cell (in a checkout ``$ISCAM_DATA`` names the data root, and this only verifies it;
+    launched anywhere else it fills ``<cache>/data``)::
 
         os.environ["ISCAM_DATA"] = str(fetch.ensure_assets())
     """
