@@ -426,7 +426,8 @@ def sample_manifest(
         raise FileNotFoundError(
             f"no {name}/manifest.csv under the data root {root} (it holds: {present}); the data root must be "
             "the "
-            "folder with models/ and imagenet-val-sample/ (see data_scripts/fetch_assets.py)"
+            "folder with models/ and imagenet-val-sample/ (iscam.fetch.ensure_assets() downloads them, "
+            "data_scripts/fetch_assets.py --download from a checkout)"
         )
     return path
 

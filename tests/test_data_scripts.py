@@ -44,6 +44,7 @@ def test_help(script: str) -> None:
 def test_scripts_run_standalone() -> None:
     result = subprocess.run(
         [sys.executable, str(SCRIPTS / "fetch_assets.py"), "--help"],
+        check=False,
         capture_output=True,
         text=True,
         timeout=120,
@@ -256,7 +257,34 @@ def test_fetch_assets_copies_verifies_and_downloads(tmp_path: Path) -> None:
 def test_fetch_assets_verifies_the_shared_assets(assets: Path) -> None:
     result = run("fetch_assets.py", "--data-root", assets)
     assert result.returncode == 0, result.stderr
-    assert "314 files listed" in result.stdout and "314 verified" in result.stdout
+    assert "318 files listed" in result.stdout and "318 verified" in result.stdout
+
+
+def test_fetch_assets_make_mirror_and_download_from_it(assets: Path, tmp_path: Path) -> None:
+    """The full registry round trip: publish the flat mirror of the shared assets, fetch a fresh root from it."""
+    mirror = tmp_path / "mirror"
+    result = run("fetch_assets.py", "--data-root", assets, "--make-mirror", mirror)
+    assert result.returncode == 0, result.stderr
+    assert "315 files" in result.stdout and len(list(mirror.iterdir())) == 315  # 318 less 3 packaged files
+    root = tmp_path / "root"
+    result = run("fetch_assets.py", "--data-root", root, "--download", "--url-base", mirror.as_uri())
+    assert result.returncode == 0, result.stderr
+    assert "3 copied/linked, 315 downloaded, 318 verified, 0 missing" in result.stdout
+    assert result.stdout.count("downloading file://") == 315
+    assert run("fetch_assets.py", "--data-root", root).stdout.count("downloading") == 0  # all present
+
+    (mirror / "ILSVRC2012_val_00000057.JPEG").write_bytes(b"damaged")
+    (root / "imagenet-val-scorecam9" / "ILSVRC2012_val_00000057.JPEG").unlink()
+    result = run("fetch_assets.py", "--data-root", root, "--download", "--url-base", mirror.as_uri())
+    assert result.returncode == 1
+    assert "failed: imagenet-val-scorecam9/ILSVRC2012_val_00000057.JPEG: SHA-256" in result.stderr
+    assert not (root / "imagenet-val-scorecam9" / "ILSVRC2012_val_00000057.JPEG").exists()
+    both = run(
+        "fetch_assets.py", "--data-root", root, "--make-mirror", mirror, "--hashes", tmp_path / "x.csv"
+    )
+    assert both.returncode == 2 and "cannot be combined with --hashes" in both.stderr
+    bad_base = run("fetch_assets.py", "--data-root", root, "--download", "--url-base", "mirror/")
+    assert bad_base.returncode == 2 and "must be an http://, https:// or file:// URL" in bad_base.stderr
 
 
 def test_fetch_assets_needs_a_data_root(monkeypatch: pytest.MonkeyPatch) -> None:
