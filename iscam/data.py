@@ -13,9 +13,9 @@ covers ``[x0, x1) x [y0, y1)``. Rasterise a box as the pixels whose centres lie 
 mapped box lies exactly over the same image content.
 
 Images of any mode (greyscale, CMYK, RGBA, palette) become RGB as in torchvision's default loader
-(``Image.convert("RGB")``; alpha is dropped). An image that cannot be read raises
-:class:`UnreadableImageError`; :func:`iter_batches` logs it by name on ``logging.getLogger("iscam.data")``
-and goes on.
+(``Image.convert("RGB")``; alpha is dropped). An image that cannot be read (missing, a folder, truncated, not
+an image, or a possible decompression bomb) raises :class:`UnreadableImageError`; :func:`iter_batches` logs it
+by name on ``logging.getLogger("iscam.data")`` and goes on.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -71,7 +73,7 @@ IMAGENET_VAL_BOXES = "ILSVRC2012_bbox_val_v3/val"
 
 
 class UnreadableImageError(OSError):
-    """An image file that is missing, truncated or not an image; the message names the file."""
+    """An image file that is missing, a folder, truncated, not an image or too large; the message names it."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -92,8 +94,9 @@ class Preprocess:
     ``resize="crop"`` (default, the authors' code): ``Resize(size)`` -- the shorter side to ``size``, the
     longer to ``int(size * long / short)`` as torchvision computes it -- then ``CenterCrop(size)`` with
     torchvision's offsets ``int(round((n - size) / 2))``. ``resize="stretch"`` (the paper's text): a plain
-    ``size x size`` resize. Resampling is torchvision's ``Resize`` on a PIL image: bilinear with antialiasing (PIL's filter),
-    so the uint8 image from :meth:`resize_image` is exactly what ``transforms.Resize`` + ``CenterCrop`` give.
+    ``size x size`` resize. Resampling is torchvision's ``Resize`` on a PIL image: bilinear with antialiasing
+    (PIL's filter), so the uint8 image from :meth:`resize_image` is exactly what ``transforms.Resize`` +
+    ``CenterCrop`` give.
     """
 
     def __init__(
@@ -178,13 +181,40 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Read an image fully into memory as RGB; :class:`UnreadableImageError` (naming it) if that fails."""
+    """Read an image fully into memory as RGB; :class:`UnreadableImageError` (naming it) if that fails.
+
+    A folder or a missing file is named as such. An image of more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels
+    (about 89 million by default) is refused as a possible decompression bomb, before its pixels are
+    decoded: PIL only warns up to twice that limit, but no ImageNet-style image comes near it, and
+    decoding one can exhaust the memory of the machine. Raise ``Image.MAX_IMAGE_PIXELS`` to read a large file
+    you trust.
+    """
+    name = os.fspath(path)
+    if os.path.isdir(name):
+        raise UnreadableImageError(f"cannot read image {name!r}: it is a folder, not an image file")
+    if not os.path.exists(name):
+        raise UnreadableImageError(f"cannot read image {name!r}: the file does not exist")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return _to_rgb(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UnreadableImageError(f"cannot read image {os.fspath(path)!r}: {exc}") from exc
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(name) as image:
+                image.load()
+                return _to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UnreadableImageError(_decompression_bomb_message(name, exc)) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UnreadableImageError(f"cannot read image {name!r}: {exc}") from exc
+
+
+def _decompression_bomb_message(name: str, exc: Exception) -> str:
+    # PIL says "Image size (N pixels) exceeds limit of M pixels, ..." and has no attribute for N.
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(found.group(1)):,} pixels" if found else f"too many pixels ({exc})"
+    return (
+        f"cannot read image {name!r}: {size}, more than PIL's limit Image.MAX_IMAGE_PIXELS = "
+        f"{Image.MAX_IMAGE_PIXELS:,} (a possible decompression bomb; raise the limit only for a file you "
+        "trust)"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
