@@ -1,9 +1,12 @@
-"""ILSVRC2012 validation images with their bounding boxes, preprocessed exactly as the models expect.
+"""The images a run reads: checked before any is read, and preprocessed as the model expects.
 
-Two sources: a manifest CSV (``file,label,width,height,boxes``, as in the shared assets'
-``imagenet-val-sample/manifest.csv``) and the official layout (``ILSVRC2012_val_*.JPEG`` + the per-image XML
-files of ``ILSVRC2012_bbox_val_v3``). Both yield :class:`Sample` s: the normalised tensor, the torchvision
-class index, the boxes mapped into the network's input frame, and the file name.
+Two sources, both yielding :class:`Sample` s (the normalised tensor, the torchvision class index, the boxes
+mapped into the network's input frame, and the file name):
+
+- a manifest CSV (``file,label,width,height,boxes``, as in the shared assets'
+  ``imagenet-val-sample/manifest.csv``): :class:`ManifestDataset`, every row validated up front;
+- the official layout (``ILSVRC2012_val_*.JPEG`` + the per-image XML files of ``ILSVRC2012_bbox_val_v3``):
+  :class:`ImageNetValDataset`.
 
 **Box convention.** Boxes are ``(x0, y0, x1, y1)`` in continuous pixel coordinates, ``x`` along columns: pixel
 ``(row j, column i)`` is the unit square ``[i, i+1) x [j, j+1)`` with centre ``(i + 0.5, j + 0.5)``, and a box
@@ -21,7 +24,9 @@ by name on ``logging.getLogger("iscam.data")`` and goes on.
 from __future__ import annotations
 
 import csv
+import io
 import logging
+import math
 import os
 import re
 import warnings
@@ -30,8 +35,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
+from numbers import Integral
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol, get_args
 
 import torch
 from PIL import Image
@@ -46,10 +52,14 @@ __all__ = [
     "IMAGENET_VAL_BOXES",
     "IMAGENET_VAL_IMAGES",
     "MANIFEST_COLUMNS",
+    "NUM_CLASSES",
     "Batch",
     "BoxAnnotation",
     "ImageNetValDataset",
     "ManifestDataset",
+    "ManifestError",
+    "ManifestProblem",
+    "OnBadRows",
     "Preprocess",
     "Sample",
     "UnreadableImageError",
@@ -67,6 +77,13 @@ log = logging.getLogger("iscam.data")
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 MANIFEST_COLUMNS: tuple[str, ...] = ("file", "label", "width", "height", "boxes")
+#: ILSVRC2012 classes; a manifest label is a torchvision class index ``0 .. NUM_CLASSES - 1``.
+NUM_CLASSES = 1000
+#: What :class:`ManifestDataset` does with a bad row: raise :class:`ManifestError`, or drop it and record it.
+OnBadRows = Literal["error", "skip"]
+_ON_BAD_ROWS: tuple[str, ...] = get_args(OnBadRows)
+#: How many problems a :class:`ManifestError` message lists before "... and N more".
+_REPORTED_PROBLEMS = 20
 #: Where the official ImageNet validation files are expected under a data root (override with arguments).
 IMAGENET_VAL_IMAGES = "ILSVRC2012_img_val"
 IMAGENET_VAL_BOXES = "ILSVRC2012_bbox_val_v3/val"
@@ -74,6 +91,39 @@ IMAGENET_VAL_BOXES = "ILSVRC2012_bbox_val_v3/val"
 
 class UnreadableImageError(OSError):
     """An image file that is missing, a folder, truncated, not an image or too large; the message names it."""
+
+
+class ManifestProblem(NamedTuple):
+    """One bad line of a manifest: all that is wrong with it, joined by ``"; "``."""
+
+    line: int  #: line of the CSV file, 1-based (the header is line 1)
+    file: str  #: the row's ``file`` cell ("" for a problem of the whole file)
+    message: str
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used as it is; ``problems`` lists every bad line (``(line, file, message)``).
+
+    The message names the manifest and lists the first problems with their line numbers, then
+    "... and N more"; :attr:`problems` holds them all.
+    """
+
+    def __init__(
+        self, manifest: str | os.PathLike[str], problems: Sequence[ManifestProblem], summary: str = ""
+    ) -> None:
+        self.manifest = Path(manifest)
+        self.problems: list[ManifestProblem] = list(problems)
+        if not summary and len(self.problems) == 1 and not self.problems[0].file:
+            text = f"manifest {self.manifest}, line {self.problems[0].line}: {self.problems[0].message}"
+        else:
+            shown = [
+                f"  line {p.line}" + (f" ({p.file})" if p.file else "") + f": {p.message}"
+                for p in self.problems[:_REPORTED_PROBLEMS]
+            ]
+            if len(self.problems) > _REPORTED_PROBLEMS:
+                shown.append(f"  ... and {len(self.problems) - _REPORTED_PROBLEMS} more")
+            text = "\n".join([f"manifest {self.manifest}: {summary}", *shown])
+        super().__init__(text)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -245,17 +295,43 @@ class _Dataset(Protocol):
 
 
 def parse_boxes(text: str) -> torch.Tensor:
-    """``"x0 y0 x1 y1;x0 y0 x1 y1"`` -> float32 ``[m, 4]`` (empty text -> ``[0, 4]``)."""
+    """``"x0 y0 x1 y1;x0 y0 x1 y1"`` -> float32 ``[m, 4]`` (empty text -> ``[0, 4]``).
+
+    :class:`ValueError` for a box that is not four finite numbers with ``x0 < x1`` and ``y0 < y1``.
+    """
+    boxes, problems = _parse_boxes(text, frame=None)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return boxes
+
+
+def _parse_boxes(text: str | None, frame: tuple[int, int] | None) -> tuple[torch.Tensor, list[str]]:
+    """Boxes of a manifest cell and what is wrong with them; ``frame = (width, height)`` if it is known."""
     text = (text or "").strip()
-    if not text:
-        return torch.zeros(0, 4)
-    rows = []
-    for part in text.split(";"):
-        values = part.split()
-        if len(values) != 4:
-            raise ValueError(f"a box needs 4 numbers 'x0 y0 x1 y1', got {part!r}")
-        rows.append([float(v) for v in values])
-    return torch.tensor(rows, dtype=torch.float32)
+    rows: list[list[float]] = []
+    problems: list[str] = []
+    for number, part in enumerate(text.split(";") if text else [], start=1):
+        fields = part.split()
+        problem = ""
+        if len(fields) != 4:
+            problem = "a box needs 4 numbers 'x0 y0 x1 y1'"
+        else:
+            try:
+                x0, y0, x1, y1 = box = list(map(float, fields))
+            except ValueError:
+                problem = "not a number"
+            else:
+                if not all(map(math.isfinite, box)):
+                    problem = "NaN or infinite coordinate"
+                elif x1 <= x0 or y1 <= y0:
+                    problem = "inverted or empty (needs x0 < x1 and y0 < y1)"
+                elif frame is not None and (x1 <= 0 or y1 <= 0 or x0 >= frame[0] or y0 >= frame[1]):
+                    problem = f"entirely outside the {frame[0]}x{frame[1]} image"
+                else:
+                    rows.append(box)
+        if problem:
+            problems.append(f"box {number} {part.strip()!r}: {problem}")
+    return torch.tensor(rows, dtype=torch.float32).reshape(-1, 4), problems
 
 
 def format_boxes(boxes: torch.Tensor | Sequence[Sequence[float]]) -> str:
@@ -265,12 +341,146 @@ def format_boxes(boxes: torch.Tensor | Sequence[Sequence[float]]) -> str:
     )
 
 
-class ManifestDataset:
-    """Images listed in a manifest CSV with columns ``file,label,width,height,boxes``.
+_INTEGER = re.compile(r"[+-]?[0-9]+")
 
-    ``boxes`` are in the pixel frame of a ``width x height`` image (see the module docstring); if the file on
-    disk has another size, the boxes are rescaled to it first. ``image_dir`` defaults to the manifest's
-    folder; ``limit`` keeps the first rows only.
+
+def _integer(text: str | None) -> int | None:
+    """The integer a cell holds (surrounding blanks allowed), else None: no '5.0', '1e3', '1_000'."""
+    text = (text or "").strip()
+    return int(text) if _INTEGER.fullmatch(text) else None
+
+
+class _Row(NamedTuple):
+    file: str
+    label: int
+    width: int
+    height: int
+    boxes: torch.Tensor
+
+
+def _check_row(
+    row: list[str], columns: dict[str, int], width_of_header: int
+) -> tuple[_Row | None, list[str]]:
+    """A manifest row (``columns``: name -> position) as values, or None and everything wrong with it."""
+    problems: list[str] = []
+    text = {c: row[i] if i < len(row) else None for c, i in columns.items()}
+    if len(row) != width_of_header:
+        absent = [c for c in MANIFEST_COLUMNS if text[c] is None]
+        problems.append(
+            f"{len(row)} fields, the header has {width_of_header}"
+            + (f" (no {', '.join(absent)} cell; an empty boxes cell means no boxes)" if absent else "")
+        )
+    file = text["file"] or ""
+    if text["file"] is not None and not file.strip():
+        problems.append("empty file name")
+    label = _integer(text["label"])
+    if text["label"] is not None:
+        if label is None:
+            problems.append(f"label {text['label']!r} is not an integer")
+        elif not 0 <= label < NUM_CLASSES:
+            problems.append(f"label {label} is outside 0..{NUM_CLASSES - 1} (a torchvision class index)")
+    size: list[int] = []
+    for column in ("width", "height"):
+        value = _integer(text[column])
+        if text[column] is not None and (value is None or value <= 0):
+            problems.append(f"{column} {text[column]!r} is not a positive integer")
+        elif value is not None:
+            size.append(value)
+    frame = (size[0], size[1]) if len(size) == 2 else None
+    boxes, box_problems = _parse_boxes(text["boxes"], frame)
+    problems.extend(box_problems)
+    if problems or label is None or frame is None:
+        return None, problems
+    return _Row(file, label, frame[0], frame[1], boxes), problems
+
+
+def _read_manifest(manifest: Path) -> tuple[list[_Row], list[ManifestProblem]]:
+    """Every good row, and every bad line; :class:`ManifestError` if the file as a whole is unusable."""
+
+    def whole_file(line: int, message: str) -> ManifestError:
+        return ManifestError(manifest, [ManifestProblem(line, "", message)])
+
+    data = manifest.read_bytes()
+    try:
+        # utf-8-sig: a spreadsheet's byte-order mark would otherwise glue itself to the first column's name.
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise whole_file(line, f"is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    reader = csv.reader(io.StringIO(text, newline=""))
+    good: list[_Row] = []
+    bad: list[ManifestProblem] = []
+    first_line: dict[str, int] = {}
+    expected = ",".join(MANIFEST_COLUMNS)
+    try:
+        header = next((row for row in reader if row), None)  # blank lines are skipped, as csv.DictReader does
+        if header is None:
+            raise whole_file(1, f"the file is empty; expected the header {expected}")
+        header_line = reader.line_num
+        missing = [c for c in MANIFEST_COLUMNS if c not in header]
+        if missing:
+            raise whole_file(
+                header_line,
+                f"lacks column(s) {', '.join(missing)}; expected header {expected}, found {header}",
+            )
+        twice = sorted({c for c in header if header.count(c) > 1})
+        if twice:
+            raise whole_file(header_line, f"column(s) {', '.join(twice)} appear more than once in the header")
+        columns = {c: header.index(c) for c in MANIFEST_COLUMNS}
+        for row in reader:
+            if not row:
+                continue
+            line = reader.line_num  # the row's last physical line: blank lines and quoted newlines count
+            checked, problems = _check_row(row, columns, len(header))
+            file = row[columns["file"]] if columns["file"] < len(row) else ""
+            key = os.path.normpath(file.strip()) if file.strip() else ""
+            if key in first_line:
+                problems.append(f"duplicate of line {first_line[key]} (the same file twice)")
+            elif key:
+                first_line[key] = line
+            if problems:
+                bad.append(ManifestProblem(line, file, "; ".join(problems)))
+            elif checked is not None:
+                good.append(checked)
+    except csv.Error as exc:
+        raise whole_file(reader.line_num, f"is not a readable CSV file: {exc}") from exc
+    if not good and not bad:
+        raise whole_file(header_line + 1, "has no rows (only the header)")
+    return good, bad
+
+
+class ManifestDataset:
+    """Images listed in a manifest CSV with columns ``file,label,width,height,boxes``, validated up front.
+
+    ``label`` is the torchvision class index; ``boxes`` are ``x0 y0 x1 y1`` separated by ``;``, in the pixel
+    frame of a ``width x height`` image (see the module docstring); if the file on disk has another size,
+    the boxes are rescaled to it first. ``image_dir`` defaults to the manifest's folder; ``limit`` keeps the
+    first (good) rows only. Other columns are allowed and ignored.
+
+    **Validation.** The whole file is read and checked when the dataset is built, before any image is read;
+    every bad line is reported at once as a :class:`ManifestError`, each with its line number and file:
+
+    - the file is empty, not UTF-8 CSV, has no rows, lacks a column or repeats one (always an error);
+    - a row with more or fewer fields than the header (a row that ends before its ``boxes`` cell is
+      malformed: "no boxes" is an *empty* ``boxes`` cell, which is allowed: the pointing game is skipped
+      for that image);
+    - an empty file name, or the same file twice (the later line is the bad one);
+    - a label that is not an integer in ``0 .. 999``; a width or height that is not a positive integer;
+    - a box that is not four numbers, has a NaN or infinite coordinate, is inverted or empty
+      (``x1 <= x0`` or ``y1 <= y0``), or lies entirely outside the ``width x height`` image.
+
+    A box partly outside the image is *not* an error: it is clipped when mapped into the input frame, as
+    boxes that reach the image edge are, by rounding, in real annotations. A box entirely outside the image
+    *is* an error, not a warning: no annotation of this image can be there, so the row's coordinates are in
+    another frame (swapped x and y, another image's size, or a wrong width/height), and its other boxes
+    cannot be trusted either; dropping the box quietly would compute the pointing game against the wrong
+    region or silently skip it. (The metric itself, :func:`iscam.metrics.energy_pointing_game`, refuses such
+    a box for the same reason.)
+
+    ``on_bad_rows="skip"`` drops the bad rows instead and keeps them, with their problems, in
+    :attr:`skipped_rows` (for the runner to report their number); whole-file problems still raise, and so
+    does a manifest with no good row. Files listed but absent on disk are not checked here: they are
+    reported by name when read (:func:`iter_batches`).
     """
 
     def __init__(
@@ -280,8 +490,17 @@ class ManifestDataset:
         *,
         image_dir: str | os.PathLike[str] | None = None,
         limit: int | None = None,
+        on_bad_rows: OnBadRows = "error",
     ) -> None:
+        if on_bad_rows not in _ON_BAD_ROWS:
+            raise ValueError(f"on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, Integral) or limit < 1):
+            raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
         self.manifest = Path(manifest_csv)
+        if self.manifest.is_dir():
+            raise FileNotFoundError(
+                f"manifest {self.manifest} is a folder, not a CSV file (give the manifest.csv inside it)"
+            )
         if not self.manifest.is_file():
             raise FileNotFoundError(f"manifest not found: {self.manifest}")
         self.image_dir = Path(image_dir) if image_dir is not None else self.manifest.parent
@@ -290,31 +509,26 @@ class ManifestDataset:
                 f"image folder {self.image_dir} (for manifest {self.manifest}) does not exist"
             )
         self.preprocess = preprocess
-        with open(self.manifest, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ValueError(
-                    f"manifest {self.manifest} lacks column(s) {', '.join(missing)}; "
-                    f"expected header {','.join(MANIFEST_COLUMNS)}, found {reader.fieldnames}"
-                )
-            rows = list(reader)
-        if limit is not None:
-            rows = rows[: max(int(limit), 0)]
-        if not rows:
-            raise ValueError(f"manifest {self.manifest} has no rows" + (" (limit=0)" if limit == 0 else ""))
-        self.files: list[str] = []
-        self.labels: list[int] = []
-        self.sizes: list[tuple[int, int]] = []
-        self.boxes: list[torch.Tensor] = []
-        for line, row in enumerate(rows, start=2):
-            try:
-                self.files.append(row["file"])
-                self.labels.append(int(row["label"]))
-                self.sizes.append((int(row["width"]), int(row["height"])))
-                self.boxes.append(parse_boxes(row["boxes"]))
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"manifest {self.manifest}, line {line}: {exc}") from exc
+        self.on_bad_rows = on_bad_rows
+        good, bad = _read_manifest(self.manifest)
+        if bad and on_bad_rows == "error":
+            raise ManifestError(
+                self.manifest,
+                bad,
+                f"{len(bad)} bad row(s) of {len(good) + len(bad)} (fix them, or drop them with "
+                "on_bad_rows='skip', in a config data.on_bad_rows: skip):",
+            )
+        if not good:
+            raise ManifestError(
+                self.manifest, bad, f"all {len(bad)} row(s) are bad; on_bad_rows='skip' leaves no image:"
+            )
+        #: The bad rows dropped under ``on_bad_rows="skip"``, one entry per line.
+        self.skipped_rows: list[ManifestProblem] = bad
+        rows = good[:limit]
+        self.files: list[str] = [row.file for row in rows]
+        self.labels: list[int] = [row.label for row in rows]
+        self.sizes: list[tuple[int, int]] = [(row.width, row.height) for row in rows]
+        self.boxes: list[torch.Tensor] = [row.boxes for row in rows]
 
     def __len__(self) -> int:
         return len(self.files)
@@ -334,7 +548,7 @@ def imagenet_wnids() -> tuple[str, ...]:
     """The 1000 ILSVRC2012 WordNet ids in torchvision's class order (sorted; index 1 is ``n01443537``)."""
     text = resources.files("iscam.resources").joinpath("imagenet_wnids.txt").read_text(encoding="utf-8")
     wnids = tuple(line.strip() for line in text.splitlines() if line.strip())
-    if len(wnids) != 1000 or list(wnids) != sorted(set(wnids)):
+    if len(wnids) != NUM_CLASSES or list(wnids) != sorted(set(wnids)):
         raise RuntimeError("iscam/resources/imagenet_wnids.txt is damaged: expected 1000 sorted unique wnids")
     return wnids
 
