@@ -1,12 +1,16 @@
-"""The images a run reads: checked before any is read, and preprocessed as the model expects.
+"""The images a run reads: found, checked before any is read, and preprocessed as the model expects.
 
-Two sources, both yielding :class:`Sample` s (the normalised tensor, the torchvision class index, the boxes
+Three sources, all yielding :class:`Sample` s (the normalised tensor, the torchvision class index, the boxes
 mapped into the network's input frame, and the file name):
 
 - a manifest CSV (``file,label,width,height,boxes``, as in the shared assets'
   ``imagenet-val-sample/manifest.csv``): :class:`ManifestDataset`, every row validated up front;
+- a folder of your own images without a manifest: :class:`ImageFolderDataset` (labels and boxes unknown);
 - the official layout (``ILSVRC2012_val_*.JPEG`` + the per-image XML files of ``ILSVRC2012_bbox_val_v3``):
   :class:`ImageNetValDataset`.
+
+:func:`open_dataset` is the runner's one entry point: it turns the text of ``data.manifest`` into one of the
+first two (see :func:`find_data` for how the text is looked up).
 
 **Box convention.** Boxes are ``(x0, y0, x1, y1)`` in continuous pixel coordinates, ``x`` along columns: pixel
 ``(row j, column i)`` is the unit square ``[i, i+1) x [j, j+1)`` with centre ``(i + 0.5, j + 0.5)``, and a box
@@ -37,7 +41,7 @@ from functools import lru_cache
 from importlib import resources
 from numbers import Integral
 from pathlib import Path
-from typing import Literal, NamedTuple, Protocol, get_args
+from typing import ClassVar, Literal, NamedTuple, Protocol, get_args
 
 import torch
 from PIL import Image
@@ -51,10 +55,16 @@ __all__ = [
     "IMAGENET_STD",
     "IMAGENET_VAL_BOXES",
     "IMAGENET_VAL_IMAGES",
+    "IMAGE_SUFFIXES",
     "MANIFEST_COLUMNS",
+    "MANIFEST_NAME",
     "NUM_CLASSES",
+    "UNKNOWN_LABEL",
     "Batch",
     "BoxAnnotation",
+    "DataSource",
+    "DataSourceError",
+    "ImageFolderDataset",
     "ImageNetValDataset",
     "ManifestDataset",
     "ManifestError",
@@ -63,10 +73,12 @@ __all__ = [
     "Preprocess",
     "Sample",
     "UnreadableImageError",
+    "find_data",
     "format_boxes",
     "imagenet_wnids",
     "iter_batches",
     "load_image",
+    "open_dataset",
     "parse_boxes",
     "read_bbox_xml",
     "sample_manifest",
@@ -77,8 +89,14 @@ log = logging.getLogger("iscam.data")
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 MANIFEST_COLUMNS: tuple[str, ...] = ("file", "label", "width", "height", "boxes")
+#: The file a folder must hold to be read as a manifest (otherwise its images are read without one).
+MANIFEST_NAME = "manifest.csv"
+#: Image files :class:`ImageFolderDataset` reads (compared case-insensitively).
+IMAGE_SUFFIXES: tuple[str, ...] = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
 #: ILSVRC2012 classes; a manifest label is a torchvision class index ``0 .. NUM_CLASSES - 1``.
 NUM_CLASSES = 1000
+#: :attr:`Sample.label` of an image whose class is not known (:class:`ImageFolderDataset`).
+UNKNOWN_LABEL = -1
 #: What :class:`ManifestDataset` does with a bad row: raise :class:`ManifestError`, or drop it and record it.
 OnBadRows = Literal["error", "skip"]
 _ON_BAD_ROWS: tuple[str, ...] = get_args(OnBadRows)
@@ -91,6 +109,10 @@ IMAGENET_VAL_BOXES = "ILSVRC2012_bbox_val_v3/val"
 
 class UnreadableImageError(OSError):
     """An image file that is missing, a folder, truncated, not an image or too large; the message names it."""
+
+
+class DataSourceError(FileNotFoundError):
+    """A manifest or image-folder text that names nothing usable; the message says what was tried."""
 
 
 class ManifestProblem(NamedTuple):
@@ -273,8 +295,8 @@ def _decompression_bomb_message(name: str, exc: Exception) -> str:
 
 class Sample(NamedTuple):
     image: torch.Tensor  #: [3, H, W] normalised
-    label: int  #: torchvision class index
-    boxes: torch.Tensor  #: [m, 4] float, (x0, y0, x1, y1) in input pixels, x = column
+    label: int  #: torchvision class index, or UNKNOWN_LABEL (-1) when the dataset has no labels
+    boxes: torch.Tensor  #: [m, 4] float, (x0, y0, x1, y1) in input pixels, x = column; m = 0: none known
     file: str
 
 
@@ -288,6 +310,8 @@ class Batch(NamedTuple):
 
 class _Dataset(Protocol):
     files: list[str]
+    has_labels: bool
+    has_boxes: bool
 
     def __len__(self) -> int: ...
 
@@ -483,6 +507,8 @@ class ManifestDataset:
     reported by name when read (:func:`iter_batches`).
     """
 
+    has_labels: ClassVar[bool] = True
+
     def __init__(
         self,
         manifest_csv: str | os.PathLike[str],
@@ -499,7 +525,8 @@ class ManifestDataset:
         self.manifest = Path(manifest_csv)
         if self.manifest.is_dir():
             raise FileNotFoundError(
-                f"manifest {self.manifest} is a folder, not a CSV file (give the manifest.csv inside it)"
+                f"manifest {self.manifest} is a folder, not a CSV file (open_dataset reads a folder's "
+                f"{MANIFEST_NAME}, or its images if it has none)"
             )
         if not self.manifest.is_file():
             raise FileNotFoundError(f"manifest not found: {self.manifest}")
@@ -529,6 +556,13 @@ class ManifestDataset:
         self.labels: list[int] = [row.label for row in rows]
         self.sizes: list[tuple[int, int]] = [(row.width, row.height) for row in rows]
         self.boxes: list[torch.Tensor] = [row.boxes for row in rows]
+        #: Whether any image has boxes; one with an empty ``boxes`` cell skips the pointing game alone.
+        self.has_boxes: bool = any(len(b) for b in self.boxes)
+
+    @property
+    def source(self) -> Path:
+        """What the images were listed by: the manifest CSV (for provenance)."""
+        return self.manifest
 
     def __len__(self) -> int:
         return len(self.files)
@@ -541,6 +575,56 @@ class ManifestDataset:
             boxes = boxes * torch.tensor([image.width / width, image.height / height] * 2)
         boxes = self.preprocess.map_boxes(boxes, image.width, image.height)
         return Sample(self.preprocess(image), self.labels[index], boxes, self.files[index])
+
+
+def _image_files(folder: Path) -> list[str]:
+    return sorted(
+        entry.name
+        for entry in folder.iterdir()
+        if entry.suffix.lower() in IMAGE_SUFFIXES and not entry.name.startswith(".") and entry.is_file()
+    )
+
+
+class ImageFolderDataset:
+    """Every image file in one folder, for explaining your own images: no manifest, no labels, no boxes.
+
+    Files are those whose suffix is one of :data:`IMAGE_SUFFIXES` (any case), sorted by name (plain string
+    order: ``img10.jpg`` before ``img2.jpg``); hidden files (``.name``, e.g. macOS ``._photo.jpg``) are left
+    out. Subfolders are *not* searched: a manifest (whose ``file`` cells may be relative paths) is the way to
+    list a nested layout, and recursing would pull in thumbnails or copies kept beside the images and make
+    the stored ``file`` keys depend on the folder depth.
+
+    Labels are unknown: every :attr:`Sample.label` is :data:`UNKNOWN_LABEL` (-1), so the class explained is
+    the model's prediction (the runner always explains the top-1 class; no "correct" column can be computed).
+    Boxes are unknown: every sample has ``[0, 4]`` boxes and the pointing game is skipped for every image.
+    """
+
+    has_labels: ClassVar[bool] = False
+    has_boxes: ClassVar[bool] = False
+
+    def __init__(self, folder: str | os.PathLike[str], preprocess: Preprocess) -> None:
+        self.image_dir = Path(folder)
+        if not self.image_dir.is_dir():
+            raise DataSourceError(f"image folder {self.image_dir} is not an existing folder")
+        self.preprocess = preprocess
+        self.files: list[str] = _image_files(self.image_dir)
+        if not self.files:
+            raise DataSourceError(
+                f"image folder {self.image_dir} holds no image files ({', '.join(IMAGE_SUFFIXES)}; "
+                "subfolders are not searched)"
+            )
+
+    @property
+    def source(self) -> Path:
+        """What the images were listed by: the folder itself (for provenance)."""
+        return self.image_dir
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Sample:
+        image = load_image(self.image_dir / self.files[index])
+        return Sample(self.preprocess(image), UNKNOWN_LABEL, torch.zeros(0, 4), self.files[index])
 
 
 @lru_cache(maxsize=1)
@@ -599,6 +683,9 @@ class ImageNetValDataset:
     some file names (e.g. ``data_scripts/paper_2000.csv``). Missing folders, images or XML files are
     reported when the dataset is built.
     """
+
+    has_labels: ClassVar[bool] = True
+    has_boxes: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -659,12 +746,124 @@ class ImageNetValDataset:
         return Sample(self.preprocess(image), label, boxes, self.files[index])
 
 
+class DataSource(NamedTuple):
+    """Where a run's images are: a manifest and its folder, or a folder of images without a manifest."""
+
+    manifest: Path | None  #: the manifest CSV, or None: every image in ``folder``, labels and boxes unknown
+    folder: Path  #: the manifest's folder (where its files are by default), or the image folder
+
+
+def find_data(text: str | os.PathLike[str], data_root: str | os.PathLike[str] | None = None) -> DataSource:
+    """Turn the text of ``data.manifest`` into a :class:`DataSource`; :class:`DataSourceError` if none fits.
+
+    ``text`` may name a manifest CSV file, a folder holding :data:`MANIFEST_NAME`, or a folder of images
+    without one (see :class:`ImageFolderDataset`). An absolute path (``~`` expanded) is taken as is. A
+    relative one is looked up in the working directory first, then under the data root (so
+    ``"imagenet-val-sample"`` finds ``<data root>/imagenet-val-sample/manifest.csv``); the first that exists
+    is used. The data root (``data_root``, else ``$ISCAM_DATA``) is consulted only for a relative text not
+    found in the working directory; when it is needed but not set, the error says so. A folder that holds
+    ``manifest.csv`` is read through it, even if it holds images too.
+    """
+    path = _locate(text, data_root, "manifest")
+    if path.is_file():
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            raise DataSourceError(
+                f"manifest {os.fspath(text)!r} is an image ({path}), not a manifest CSV: give the folder "
+                "that holds it to use every image in that folder"
+            )
+        return DataSource(path, path.parent)
+    if (path / MANIFEST_NAME).is_file():
+        return DataSource(path / MANIFEST_NAME, path)
+    if not path.is_dir():
+        raise DataSourceError(f"manifest {os.fspath(text)!r} ({path}) is neither a file nor a folder")
+    if not _image_files(path):
+        raise DataSourceError(
+            f"folder {path} (from {os.fspath(text)!r}) holds neither {MANIFEST_NAME} nor image files "
+            f"({', '.join(IMAGE_SUFFIXES)}; subfolders are not searched)"
+        )
+    return DataSource(None, path)
+
+
+def _locate(text: str | os.PathLike[str], data_root: str | os.PathLike[str] | None, what: str) -> Path:
+    """The existing path ``text`` names: as is if absolute, else in the working directory or the data root."""
+    if not isinstance(text, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a path (str or os.PathLike), got {type(text).__name__}")
+    raw = os.fspath(text)
+    if not raw.strip():
+        raise ValueError(
+            f"{what} is empty: give a manifest CSV, a folder holding {MANIFEST_NAME} or of images"
+        )
+    path = Path(raw).expanduser()
+    if path.is_absolute():
+        if path.exists():
+            return path
+        raise DataSourceError(f"{what} {raw!r} not found: {path} does not exist")
+    here = Path.cwd() / path
+    if here.exists():
+        return here
+    if data_root is None and not os.environ.get(paths.DATA_ENV):
+        raise DataSourceError(
+            f"{what} {raw!r} not found: no {here} (relative to the working directory), and no data root is "
+            f"set to look under (set ${paths.DATA_ENV} or pass a data root, e.g. --data-root)"
+        )
+    try:
+        root = paths.data_root(data_root)
+    except paths.DataRootError as exc:
+        raise DataSourceError(
+            f"{what} {raw!r} not found: no {here} (relative to the working directory), and {exc}"
+        ) from None
+    under = root / path
+    if under.exists():
+        return under
+    entries = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in root.iterdir())
+    listing = ", ".join(entries[:12]) + (f", ... ({len(entries)} entries)" if len(entries) > 12 else "")
+    raise DataSourceError(
+        f"{what} {raw!r} not found: no {here} (relative to the working directory) nor {under} (under the "
+        f"data root, which holds: {listing or 'nothing'})"
+    )
+
+
+def open_dataset(
+    manifest: str | os.PathLike[str],
+    preprocess: Preprocess,
+    *,
+    data_root: str | os.PathLike[str] | None = None,
+    image_dir: str | os.PathLike[str] | None = None,
+    on_bad_rows: OnBadRows = "error",
+) -> ManifestDataset | ImageFolderDataset:
+    """The dataset ``manifest`` names (looked up by :func:`find_data`), validated before any image is read.
+
+    A manifest gives a :class:`ManifestDataset` (``on_bad_rows`` as there); a folder of images without one an
+    :class:`ImageFolderDataset`. ``image_dir`` (a manifest's images elsewhere than beside it) is looked up as
+    ``manifest`` is: absolute, else the working directory, then the data root; it is an error with an image
+    folder, which holds its images itself. The data root is needed only where a relative text is not found in
+    the working directory.
+    """
+    if on_bad_rows not in _ON_BAD_ROWS:
+        raise ValueError(f"on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
+    source = find_data(manifest, data_root)
+    if source.manifest is None:
+        if image_dir is not None:
+            raise ValueError(
+                f"image_dir {os.fspath(image_dir)!r} is given, but {os.fspath(manifest)!r} is a folder of "
+                f"images without {MANIFEST_NAME} ({source.folder}): image_dir only says where a manifest's "
+                "files are"
+            )
+        return ImageFolderDataset(source.folder, preprocess)
+    folder = None
+    if image_dir is not None:
+        folder = _locate(image_dir, data_root, "image folder")
+        if not folder.is_dir():
+            raise DataSourceError(f"image folder {os.fspath(image_dir)!r} ({folder}) is not a folder")
+    return ManifestDataset(source.manifest, preprocess, image_dir=folder, on_bad_rows=on_bad_rows)
+
+
 def sample_manifest(
     data_root: str | os.PathLike[str] | None = None, name: str = "imagenet-val-sample"
 ) -> Path:
     """Path of ``<data root>/<name>/manifest.csv``, with an error saying what the data root should hold."""
     root = paths.data_root(data_root)
-    path = root / name / "manifest.csv"
+    path = root / name / MANIFEST_NAME
     if not path.is_file():
         present = sorted(p.name for p in root.iterdir() if p.is_dir())
         raise FileNotFoundError(

@@ -1,8 +1,9 @@
-"""Manifests validated before any image is read (issue 11): each bad row named by line, or skipped."""
+"""Manifests validated before any image is read, and the ways to name a run's images (issues 11 and 12)."""
 
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
+from iscam import data
 from iscam.data import (
+    DataSourceError,
+    ImageFolderDataset,
     ManifestDataset,
     ManifestError,
     ManifestProblem,
     Preprocess,
+    find_data,
     iter_batches,
+    open_dataset,
     parse_boxes,
 )
 
@@ -142,9 +148,11 @@ def test_empty_boxes_cell_means_no_boxes_and_partly_outside_boxes_are_clipped(tm
         ManifestDataset(manifest, TINY)
     manifest = _manifest(tmp_path, GOOD, "b.png,8,10,10,   ", "c.png,9,10,10,-5 2 15 8")
     dataset = ManifestDataset(manifest, TINY)
-    assert dataset.skipped_rows == []
+    assert dataset.skipped_rows == [] and dataset.has_labels and dataset.has_boxes
     assert dataset[1].boxes.shape == (0, 4)  # no boxes: the pointing game is skipped for this image
     torch.testing.assert_close(dataset[2].boxes, torch.tensor([[0.0, 2.0, 10.0, 8.0]]))  # clipped, kept
+    none = ManifestDataset(_manifest(tmp_path, "a.png,7,10,10,", name="none.csv"), TINY)
+    assert not none.has_boxes
 
 
 def test_skip_keeps_the_good_rows_and_records_the_bad(tmp_path: Path) -> None:
@@ -176,6 +184,8 @@ def test_bad_policy_and_limit_fail_before_reading(tmp_path: Path) -> None:
     manifest = _manifest(tmp_path, GOOD)
     with pytest.raises(ValueError, match="on_bad_rows must be 'error' or 'skip', got 'drop'"):
         ManifestDataset(manifest, TINY, on_bad_rows="drop")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="on_bad_rows must be"):
+        open_dataset("does-not-matter", TINY, on_bad_rows="warn")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="limit must be a positive integer"):
         ManifestDataset(manifest, TINY, limit=0)
     with pytest.raises(FileNotFoundError, match="is a folder"):
@@ -196,4 +206,144 @@ def test_the_shared_manifests_validate_cleanly(assets: Path, name: str) -> None:
     dataset = ManifestDataset(assets / name / "manifest.csv", Preprocess(224))
     assert dataset.skipped_rows == []
     assert len(dataset) == {"imagenet-val-sample": 300, "imagenet-val-scorecam9": 9}[name]
-    assert all(len(b) > 0 for b in dataset.boxes)
+    assert all(len(b) > 0 for b in dataset.boxes) and dataset.has_boxes
+
+
+# --- naming the images: a CSV, a folder with manifest.csv, a name under the data root, a folder of images
+
+
+@pytest.fixture
+def jpeg_folder(assets: Path, tmp_path: Path) -> Path:
+    """Three of the sample JPEGs, copied (under new names) into a folder without a manifest."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    sources = sorted((assets / "imagenet-val-sample").glob("*.JPEG"))[:3]
+    for source, name in zip(sources, ["b.jpg", "C.JPG", "a.jpeg"]):
+        shutil.copy(source, folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "._a.jpeg").write_bytes(b"AppleDouble metadata, not an image")
+    (folder / "sub").mkdir()
+    shutil.copy(sources[0], folder / "sub" / "nested.jpg")
+    return folder
+
+
+def test_find_data_every_form(assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sample = assets / "imagenet-val-sample"
+    assert find_data(sample / "manifest.csv") == data.DataSource(sample / "manifest.csv", sample)
+    assert find_data(sample) == data.DataSource(sample / "manifest.csv", sample)  # a folder with manifest.csv
+    assert find_data("imagenet-val-sample", assets) == data.DataSource(sample / "manifest.csv", sample)
+    monkeypatch.setenv("ISCAM_DATA", str(assets))
+    assert find_data("imagenet-val-scorecam9").manifest == assets / "imagenet-val-scorecam9" / "manifest.csv"
+    # relative: the working directory first
+    (tmp_path / "imagenet-val-sample").mkdir()
+    mine = _manifest(tmp_path / "imagenet-val-sample", GOOD)
+    monkeypatch.chdir(tmp_path)
+    assert find_data("imagenet-val-sample", assets).manifest == mine
+    assert find_data("imagenet-val-sample/manifest.csv", assets).manifest == mine
+    images = tmp_path / "photos"
+    images.mkdir()
+    _image(images / "x.png")
+    assert find_data("photos") == data.DataSource(None, images)
+
+
+def test_find_data_errors_say_what_was_tried(
+    assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataSourceError) as caught:
+        find_data("imagenet-val-smaple", assets)
+    text = str(caught.value)
+    assert f"no {tmp_path / 'imagenet-val-smaple'} (relative to the working directory)" in text
+    assert f"nor {assets / 'imagenet-val-smaple'} (under the data root" in text
+    assert "imagenet-val-sample/" in text and "models/" in text  # what the data root does hold
+    with pytest.raises(
+        DataSourceError, match="manifest '/absent/m.csv' not found: /absent/m.csv does not exist"
+    ):
+        find_data("/absent/m.csv", assets)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "sub").mkdir()
+    _image(tmp_path / "empty" / "sub" / "deep.png")
+    with pytest.raises(DataSourceError, match=r"holds neither manifest.csv nor image files .*subfolders"):
+        find_data("empty")
+    _image(tmp_path / "one.png")
+    with pytest.raises(DataSourceError, match=r"is an image .* give the folder"):
+        find_data("one.png")
+    with pytest.raises(ValueError, match="manifest is empty"):
+        find_data("  ")
+    with pytest.raises(TypeError, match="got int"):
+        find_data(3)  # type: ignore[arg-type]
+
+
+def test_a_data_root_is_needed_only_for_a_name_under_it(
+    assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A data root holding only models/ serves an explicit manifest path, and says so for a name under it."""
+    root = tmp_path / "root"
+    (root / "models").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(assets / "imagenet-val-scorecam9", elsewhere)
+    dataset = open_dataset(str(elsewhere / "manifest.csv"), TINY, data_root=root)
+    assert isinstance(dataset, ManifestDataset) and len(dataset) == 9
+    assert open_dataset(elsewhere, TINY, data_root=root).files == dataset.files
+    with pytest.raises(DataSourceError, match=r"under the data root, which holds: models/\)"):
+        open_dataset("imagenet-val-sample", TINY, data_root=root)
+    # no data root at all: an existing path works, a name says that a data root is needed
+    monkeypatch.delenv("ISCAM_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert len(open_dataset("elsewhere", TINY)) == 9
+    with pytest.raises(DataSourceError, match=r"no data root is set to look under \(set \$ISCAM_DATA"):
+        open_dataset("imagenet-val-sample", TINY)
+    with pytest.raises(DataSourceError, match="root/absent.*is not an existing folder"):
+        open_dataset("imagenet-val-sample", TINY, data_root=tmp_path / "root" / "absent")
+
+
+def test_open_dataset_on_a_folder_of_jpegs_without_a_manifest(jpeg_folder: Path) -> None:
+    dataset = open_dataset(str(jpeg_folder), Preprocess(32, "stretch"))
+    assert isinstance(dataset, ImageFolderDataset)
+    # sorted by name (string order: upper case first); no .txt, no hidden file, no subfolder
+    assert dataset.files == ["C.JPG", "a.jpeg", "b.jpg"]
+    assert not dataset.has_labels and not dataset.has_boxes and dataset.source == jpeg_folder
+    (batch,) = list(iter_batches(dataset, 8))
+    assert batch.files == ["C.JPG", "a.jpeg", "b.jpg"] and batch.x.shape == (3, 3, 32, 32)
+    assert batch.labels.tolist() == [data.UNKNOWN_LABEL] * 3 == [-1, -1, -1]
+    assert [b.shape for b in batch.boxes] == [(0, 4)] * 3
+    expected = Preprocess(32, "stretch")(Image.open(jpeg_folder / "a.jpeg").convert("RGB"))
+    torch.testing.assert_close(batch.x[1], expected, atol=0, rtol=0)
+    with pytest.raises(
+        ValueError, match="image_dir 'x' is given, but .* is a folder of images without manifest"
+    ):
+        open_dataset(str(jpeg_folder), TINY, image_dir="x")
+
+
+def test_image_folder_dataset_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataSourceError, match="is not an existing folder"):
+        ImageFolderDataset(tmp_path / "absent", TINY)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DataSourceError, match=r"holds no image files \(.bmp, .jpeg, .jpg, .png, .webp"):
+        ImageFolderDataset(tmp_path, TINY)
+
+
+def test_open_dataset_image_dir_is_looked_up_like_the_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "root"
+    (root / "pictures").mkdir(parents=True)
+    _image(root / "pictures" / "a.png")
+    manifest = _manifest(tmp_path, GOOD, name="list.csv")
+    monkeypatch.chdir(tmp_path)
+    dataset = open_dataset("list.csv", TINY, data_root=root, image_dir="pictures")  # under the data root
+    assert isinstance(dataset, ManifestDataset) and dataset.image_dir == root / "pictures"
+    assert dataset.manifest == manifest and dataset[0].label == 7
+    (tmp_path / "pictures").mkdir()  # the working directory first
+    assert (
+        open_dataset("list.csv", TINY, data_root=root, image_dir="pictures").image_dir
+        == tmp_path / "pictures"
+    )
+    with pytest.raises(DataSourceError, match="image folder 'list.csv' .* is not a folder"):
+        open_dataset("list.csv", TINY, image_dir="list.csv")
+    with pytest.raises(DataSourceError, match="image folder 'nope' not found"):
+        open_dataset("list.csv", TINY, data_root=root, image_dir="nope")
+    bad = _manifest(tmp_path, GOOD, "b.png,1000,10,10,", name="bad.csv")
+    with pytest.raises(ManifestError, match=r"line 3 \(b.png\)"):
+        open_dataset(bad, TINY)
+    assert open_dataset(bad, TINY, on_bad_rows="skip").skipped_rows[0].line == 3
