@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,6 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from iscam.paths import DataRootError
 from iscam.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -27,6 +28,7 @@ from iscam.data import (
     read_bbox_xml,
     sample_manifest,
 )
+from iscam.paths import DataRootError
 
 
 def _random_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
@@ -256,6 +258,43 @@ def test_image_modes_become_rgb(odd_images: Path) -> None:
         load_image(odd_images / "truncated.JPEG")
     with pytest.raises(UnreadableImageError, match="absent.JPEG"):
         load_image(odd_images / "absent.JPEG")
+
+
+def test_load_image_names_a_folder_and_a_missing_file(tmp_path: Path) -> None:
+    (tmp_path / "pics").mkdir()
+    with pytest.raises(UnreadableImageError, match=r"image '.*/pics': it is a folder, not an image"):
+        load_image(tmp_path / "pics")
+    with pytest.raises(UnreadableImageError, match=r"absent.png': the file does not exist"):
+        load_image(tmp_path / "absent.png")
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width x height`` RGB pixels, with an empty IDAT: no pixel data at all."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_one_line_naming_the_file_and_the_pixels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header(100_000, 100_000))  # 57 bytes claiming 10^10 pixels: PIL's error
+    with pytest.raises(UnreadableImageError) as caught:
+        load_image(bomb)
+    text = str(caught.value)
+    assert "bomb.png" in text and "10,000,000,000 pixels" in text and "decompression bomb" in text
+    assert "\n" not in text and f"{Image.MAX_IMAGE_PIXELS:,}" in text
+    # between the limit and twice it PIL only warns; we refuse before decoding
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    _random_image(40, 40).save(tmp_path / "warned.png")  # 1600 pixels
+    with pytest.raises(UnreadableImageError, match=r"warned.png': 1,600 pixels, more than .* = 1,000"):
+        load_image(tmp_path / "warned.png")
+    _random_image(40, 25).save(tmp_path / "fits.png")  # 1000 pixels: at the limit, read
+    assert load_image(tmp_path / "fits.png").size == (40, 25)
 
 
 def test_iter_batches_skips_and_logs_unreadable_images(
