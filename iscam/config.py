@@ -38,6 +38,11 @@ __all__ = [
     "MethodSpec",
     "MetricsSpec",
     "ExperimentConfig",
+    "FiguresSpec",
+    "Study",
+    "VariantSpec",
+    "check_methods",
+    "expand",
     "CONFIG_DIR",
     "config_names",
     "find_config",
@@ -94,16 +99,20 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """``manifest``: a folder name under the data root holding ``manifest.csv`` (e.g.
-    ``imagenet-val-sample``) or a path to a CSV (relative paths: the working directory, then the
-    repository); ``image_dir``: where the manifest's files are (relative to the data root; ``None`` = beside
-    the manifest); ``num_images``: ``None`` = all; ``seed``: ``None`` takes the first ``num_images`` in
-    manifest order, an int draws them uniformly without replacement (then sorts them)."""
+    """``manifest``: a manifest CSV, a folder holding ``manifest.csv``, a name under the data root (e.g.
+    ``imagenet-val-sample``) or a folder of images without a manifest (labels unknown: the explained class
+    is the prediction; boxes unknown: the pointing game is skipped), see :func:`iscam.data.find_data`;
+    relative paths are looked up in the working directory, then under the data root. ``image_dir``: where
+    the manifest's files are (``None`` = beside the manifest); ``num_images``: ``None`` = all; ``seed``:
+    ``None`` takes the first ``num_images`` in manifest order, an int draws them uniformly without
+    replacement (then sorts them); ``on_bad_rows``: ``error`` (default: a bad manifest row stops the run
+    before any work, naming file and line) or ``skip`` (bad rows are left out and counted)."""
 
     manifest: str = "imagenet-val-sample"
     image_dir: str | None = None
     num_images: int | None = None
     seed: int | None = 0
+    on_bad_rows: str = "error"
 
 
 @dataclass(frozen=True)
@@ -144,6 +153,39 @@ class MetricsSpec:
 
 
 @dataclass(frozen=True)
+class VariantSpec:
+    """Extra rows a chapter reads: the base config re-run under named override sets, in the same store.
+
+    ``images``: the first ``images`` of the base selection (``None`` = all of it), so a variant's images are
+    a subset of the base's; ``methods``: the base methods it re-runs (empty = all); ``sets``: label ->
+    ``--set`` overrides (``{"methods.iscam.schedule": "paper"}``), beside a ``baseline`` set without
+    overrides (its label; ``""`` = none); ``grid``: one key and its values (``{"methods.iscam.N": [1, 5]}``),
+    one set per value, labelled ``N=1``, ..., the base config's own value always among them.
+    """
+
+    name: str
+    images: int | None = None
+    methods: tuple[str, ...] = ()
+    sets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    grid: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    baseline: str = "default"
+
+
+@dataclass(frozen=True)
+class FiguresSpec:
+    """The images the book's figures show, whose rows (maps included) the runner adds to the store.
+
+    Fig. 2 shows the first manifest image of each of ``classes`` (class names as in the ImageNet categories;
+    the paper's Basenji, Capuchin and Whippet), then the first selected images, ``images`` in all; Fig. 1
+    traces IS-CAM on the first of them, showing its ``pipeline_channels`` highest-weighted channels.
+    """
+
+    classes: tuple[str, ...] = ("basenji", "capuchin", "whippet")
+    images: int = 3
+    pipeline_channels: int = 4
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """A validated run description (build it with :func:`load_config` / :func:`config_from_dict`)."""
 
@@ -160,12 +202,21 @@ class ExperimentConfig:
     batch_size: int = 32
     forward_batch_size: int = 128
     channels_last: bool = False
+    variants: tuple[VariantSpec, ...] = ()
+    figures: FiguresSpec | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (the YAML schema); ``config_from_dict(c.to_dict()) == c``."""
         raw = dataclasses.asdict(self)
         raw["methods"] = [{"name": m.name, "params": dict(m.params)} for m in self.methods]
+        raw["variants"] = {v.name: _variant_dict(v) for v in self.variants}
+        raw["figures"] = None if self.figures is None else {**dataclasses.asdict(self.figures),
+                                                            "classes": list(self.figures.classes)}
         return raw
+
+    def base(self) -> ExperimentConfig:
+        """This config without its variants and figures: the rows the paper's tables are made of."""
+        return dataclasses.replace(self, variants=(), figures=None)
 
     def method_key(self, spec: MethodSpec) -> str:
         """The ``params_key`` of ``spec``'s rows: :func:`resolved_params` (the method's defaults filled
@@ -193,6 +244,8 @@ _SCHEMA: dict[str, Any] = {
     "batch_size": int,
     "forward_batch_size": int,
     "channels_last": bool,
+    "variants": dict,
+    "figures": {f.name: None for f in dataclasses.fields(FiguresSpec)},
 }
 
 
@@ -312,7 +365,9 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
         raise ConfigError(f"data.image_dir must be a folder or null, got {image_dir!r}")
     data = DataSpec(manifest=manifest, image_dir=image_dir,
                     num_images=_int(data_raw.get("num_images"), "data.num_images", minimum=1, allow_none=True),
-                    seed=_int(data_raw.get("seed", 0), "data.seed", minimum=0, allow_none=True))
+                    seed=_int(data_raw.get("seed", 0), "data.seed", minimum=0, allow_none=True),
+                    on_bad_rows=_choice(data_raw.get("on_bad_rows", "error"), "data.on_bad_rows",
+                                        ("error", "skip")))
 
     methods_raw = raw["methods"]
     if not isinstance(methods_raw, Sequence) or isinstance(methods_raw, str):
@@ -366,7 +421,193 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
         batch_size=_int(raw.get("batch_size", 32), "batch_size", minimum=1),
         forward_batch_size=_int(raw.get("forward_batch_size", 128), "forward_batch_size", minimum=1),
         channels_last=_bool(raw.get("channels_last", False), "channels_last"),
+        variants=_variants(raw.get("variants"), raw, methods),
+        figures=_figures(raw.get("figures")),
     )
+
+
+def _variant_dict(variant: VariantSpec) -> dict[str, Any]:
+    raw: dict[str, Any] = {"images": variant.images, "methods": list(variant.methods),
+                           "baseline": variant.baseline}
+    if variant.sets:
+        raw["sets"] = {label: dict(changes) for label, changes in variant.sets.items()}
+    if variant.grid:
+        raw["grid"] = {key: list(values) for key, values in variant.grid.items()}
+    return raw
+
+
+_VARIANT_KEYS = {"images": None, "methods": None, "sets": None, "grid": None, "baseline": None,
+                 "description": None}
+
+
+def _variants(section: Any, raw: Mapping[str, Any], methods: Sequence[MethodSpec]) -> tuple[VariantSpec, ...]:
+    if section in (None, {}):
+        return ()
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"variants must be a mapping of variant name -> {{images, methods, sets | grid}}, "
+                          f"got {section!r}")
+    variants = []
+    for name, entry in section.items():
+        where = f"variants.{name}"
+        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"variants: a variant name must be letters, digits, '-' or '_', got {name!r}")
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{where} must be a mapping {{images, methods, sets | grid}}, got {entry!r}")
+        _known_keys(entry, _VARIANT_KEYS, where)
+        chosen = entry.get("methods") or []
+        if isinstance(chosen, str) or not isinstance(chosen, Sequence):
+            raise ConfigError(f"{where}.methods must be a list of the config's method names, got {chosen!r}")
+        for method in chosen:  # a known method the config does not run is left out (e.g. --set methods=[...])
+            method_class(method)
+        sets, grid = entry.get("sets") or {}, entry.get("grid") or {}
+        if not isinstance(sets, Mapping) or not all(isinstance(v, Mapping) for v in sets.values()):
+            raise ConfigError(f"{where}.sets must map a label to overrides {{key: value}}, got {sets!r}")
+        if not isinstance(grid, Mapping) or len(grid) > 1:
+            raise ConfigError(f"{where}.grid must be one key and its list of values, got {grid!r}")
+        if bool(sets) == bool(grid):
+            raise ConfigError(f"{where} needs either sets or grid (not both)")
+        for key, values in grid.items():
+            if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+                raise ConfigError(f"{where}.grid.{key} must be a non-empty list of values, got {values!r}")
+        baseline = entry.get("baseline", "default")
+        if not isinstance(baseline, str):
+            raise ConfigError(f"{where}.baseline must be a label (or '' for none), got {baseline!r}")
+        variant = VariantSpec(
+            name=name, images=_int(entry.get("images"), f"{where}.images", minimum=1, allow_none=True),
+            methods=tuple(chosen), sets={str(k): dict(v) for k, v in sets.items()},
+            grid={str(k): tuple(v) for k, v in grid.items()}, baseline=baseline)
+        for label, changes in _variant_sets(variant, _base_raw(raw)):  # every set must make a valid config
+            try:
+                config_from_dict(changes)
+            except ConfigError as error:
+                raise ConfigError(f"{where} ({label}): {error}") from None
+        variants.append(variant)
+    return tuple(variants)
+
+
+def _figures(section: Any) -> FiguresSpec | None:
+    if section is None:
+        return None
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"figures must be a mapping {{classes, images, pipeline_channels}} or null, "
+                          f"got {section!r}")
+    _known_keys(section, _SCHEMA["figures"], "figures")
+    classes = section.get("classes", FiguresSpec.classes)
+    if isinstance(classes, str) or not isinstance(classes, Sequence) \
+            or not all(isinstance(c, str) for c in classes):
+        raise ConfigError(f"figures.classes must be a list of class names, got {classes!r}")
+    return FiguresSpec(classes=tuple(classes),
+                       images=_int(section.get("images", FiguresSpec.images), "figures.images", minimum=1),
+                       pipeline_channels=_int(section.get("pipeline_channels", FiguresSpec.pipeline_channels),
+                                              "figures.pipeline_channels", minimum=1))
+
+
+def _base_raw(raw: Mapping[str, Any]) -> dict[str, Any]:
+    base = {k: copy.deepcopy(v) for k, v in raw.items() if k not in ("variants", "figures")}
+    return base
+
+
+def _variant_sets(variant: VariantSpec, base: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, plain config) of each set of ``variant`` applied to the plain ``base`` config."""
+    restricted = copy.deepcopy(dict(base))
+    if variant.methods:
+        entries = [e if isinstance(e, Mapping) else {"name": e} for e in restricted["methods"]]
+        restricted["methods"] = [e for e in entries if e.get("name") in variant.methods]
+    if not restricted["methods"]:
+        return []  # the config runs none of the variant's methods
+    present = {e if isinstance(e, str) else e.get("name") for e in restricted["methods"]}
+    sets: list[tuple[str, dict[str, Any]]] = []
+    if variant.grid:
+        ((key, values),) = variant.grid.items()
+        path = key.split(".")
+        if path[0] == "methods" and len(path) > 2 and path[1] not in present:
+            return []
+        current = _lookup(restricted, path)
+        shown = list(dict.fromkeys([*values, *([] if current is None else [current])]))
+        try:
+            shown.sort()
+        except TypeError:
+            pass
+        for value in shown:
+            sets.append((f"{path[-1]}={value}", apply_overrides(restricted, {key: value})))
+    else:
+        if variant.baseline:
+            sets.append((variant.baseline, restricted))
+        for label, changes in variant.sets.items():
+            kept = {k: v for k, v in changes.items()
+                    if not (k.startswith("methods.") and len(k.split(".")) > 2 and k.split(".")[1] not in present)}
+            if kept or not changes:
+                sets.append((label, apply_overrides(restricted, kept)))
+    return sets
+
+
+def _lookup(raw: Mapping[str, Any], path: Sequence[str]) -> Any:
+    """The value at a dotted override path (``methods.iscam.N``: the method's parameter), or None."""
+    if path[0] == "methods" and len(path) >= 3:
+        for entry in raw.get("methods", []):
+            if isinstance(entry, Mapping) and entry.get("name") == path[1]:
+                params = entry.get("params") or {}
+                if path[2] in params:
+                    return params[path[2]]
+                defaults = resolved_params(path[1], params)
+                return defaults.get(path[2])
+        return None
+    node: Any = raw
+    for part in path:
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+@dataclass(frozen=True)
+class Study:
+    """One set of rows a config asks for: the base rows, one set of a variant, or the figures' images.
+
+    ``config`` is complete (methods restricted, overrides applied, no variants); ``images`` is how many of the
+    base selection it covers (a prefix; ``None`` = all); ``figures`` marks the rows of the figures' images.
+    """
+
+    variant: str  # "" for the base rows, else the variant's name (or "figures")
+    label: str
+    config: ExperimentConfig
+    images: int | None = None
+    figures: bool = False
+
+    @property
+    def title(self) -> str:
+        return "base" if not self.variant else f"{self.variant}: {self.label}"
+
+
+def expand(config: ExperimentConfig) -> list[Study]:
+    """Every :class:`Study` of ``config``: the base rows first, then each variant's sets, then the figures."""
+    base = config.base()
+    studies = [Study("", "", base)]
+    raw = base.to_dict()
+    for variant in config.variants:
+        for label, plain in _variant_sets(variant, raw):
+            studies.append(Study(variant.name, label, config_from_dict(plain), images=variant.images))
+    if config.figures is not None:
+        studies.append(Study("figures", "Fig. 1 and Fig. 2", base, images=config.figures.images, figures=True))
+    return studies
+
+
+def check_methods(config: ExperimentConfig) -> None:
+    """Construct every method of ``config`` (and of its variants) on a one-layer probe model, so a bad
+    parameter (``N=abc``, ``N=2.0``, ``N=0``, a misspelled name) is a :class:`ConfigError` naming the method
+    before any model is loaded or image read. (Target layers are checked once the model is loaded.)"""
+    import torch
+
+    probe = torch.nn.Sequential(torch.nn.Conv2d(3, 1, 1))
+    for study in expand(config):
+        for spec in study.config.methods:
+            cls = method_class(spec.name)
+            resolved_params(spec.name, spec.params)
+            try:
+                cls(probe, "0" if cls.uses_layer else None, **method_kwargs(study.config, spec.name, spec.params))
+            except (TypeError, ValueError) as error:
+                where = "" if not study.variant else f" (variant {study.title})"
+                raise ConfigError(f"method {spec.label()}{where}: {error}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -425,6 +666,14 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str] | Mapping[s
         head = path[0]
         if head not in _SCHEMA:
             raise ConfigError(f"--set {text}: unknown key {head!r}; known keys: {', '.join(sorted(_SCHEMA))}")
+        if head == "variants" and len(path) > 1:
+            node = result.setdefault("variants", {})
+            for part in path[1:-1]:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"--set {text}: {part!r} is not a section")
+            node[path[-1]] = value
+            continue
         if head == "methods" and len(path) > 1:
             methods = result.setdefault("methods", [])
             entry = _method_entry(methods, path[1], text)
@@ -494,8 +743,10 @@ def image_seed(seed: int, method: str, file: str) -> int:
 
 
 def default_output(config: ExperimentConfig) -> Path:
-    """``results/<config name>`` (relative to the working directory)."""
-    return Path("results") / config.name
+    """``<results folder>/<config name>`` (:func:`iscam.paths.results_dir`: ``$ISCAM_RESULTS`` or ``./results``)."""
+    from .paths import results_dir
+
+    return results_dir() / config.name
 
 
 def select_indices(total: int, spec: DataSpec) -> list[int]:

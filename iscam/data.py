@@ -619,6 +619,11 @@ class ImageFolderDataset:
         """What the images were listed by: the folder itself (for provenance)."""
         return self.image_dir
 
+    @property
+    def labels(self) -> list[int]:
+        """:data:`UNKNOWN_LABEL` for every image."""
+        return [UNKNOWN_LABEL] * len(self.files)
+
     def __len__(self) -> int:
         return len(self.files)
 

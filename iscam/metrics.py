@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from iscam.stats import CI, bootstrap_ci, paired_bootstrap_diff
 
 __all__ = [
+    "METRICS_VERSION",
     "CI",
     "Confidence",
     "SUBSTRATES",
@@ -61,6 +62,9 @@ Substrate = Union[str, Callable[[Tensor], Tensor]]
 
 #: Frames (insertion/deletion) or images (confidence) sent through the model per forward pass.
 DEFAULT_BATCH_SIZE = 128
+#: Bumped whenever a change to this module changes a metric's values; stored with every row (see
+#: :data:`iscam.store.STAMP_COLUMNS`), so rows of older metric code are recomputed, never mixed in a table.
+METRICS_VERSION = 1
 
 #: RISE's blur: an 11x11 Gaussian with sigma 5 (``gkern(klen=11, nsig=5)`` in RISE's evaluation.py).
 BLUR_KERNEL_SIZE = 11

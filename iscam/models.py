@@ -44,7 +44,10 @@ __all__ = [
     "CoralModel",
     "LoadedModel",
     "imagenet_categories",
+    "default_target_layer",
     "load",
+    "preprocess_for",
+    "weights_source",
 ]
 
 PAPER_MODELS: tuple[str, ...] = ("vgg16", "resnet18", "squeezenet1_0")
@@ -181,3 +184,36 @@ def load(
     # lets the methods find the layer from the model alone (methods.get(name, model) with no layer)
     model.default_target_layer = target_layer
     return LoadedModel(model.to(device).eval(), preprocess, target_layer, imagenet_categories())
+
+
+def weights_source(name: str, weights: Any, *, data_root: str | os.PathLike[str] | None = None) -> Path | str:
+    """Where ``load(name, weights)`` takes its weights from, without loading them: a file to hash (a path of
+    your own), or an identifier that already is a hash (torchvision's download name carries the first
+    digits of its SHA-256; the Coral files are verified against a known SHA-256)."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if isinstance(weights, str) and weights == "default":
+        if name in CORAL_MODELS:
+            return f"sha256:{CORAL_MODELS[name].sha256}"
+        return "torchvision:" + Path(get_model_weights(name).IMAGENET1K_V1.url).name
+    if isinstance(weights, torchvision.models.WeightsEnum):
+        return "torchvision:" + Path(weights.url).name
+    return _weights_path(weights)
+
+
+def default_target_layer(name: str) -> str:
+    """The layer the methods explain by default for model ``name`` (without loading it)."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    return DEFAULT_TARGET_LAYERS[name]
+
+
+def preprocess_for(name: str, resize: str = "crop") -> Preprocess:
+    """The preprocessing of ``load(name, "default")`` without loading the model (the Coral files' input
+    quantisation is x = q/128 - 1, i.e. mean = std = 128/255, checked when the file is converted)."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if name in CORAL_MODELS:
+        half = 128.0 / 255.0
+        return Preprocess(CORAL_MODELS[name].input_size, resize, (half,) * 3, (half,) * 3)
+    return Preprocess(224, resize, IMAGENET_MEAN, IMAGENET_STD)

@@ -9,6 +9,7 @@ commit, device, host, times, images and cost).
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import importlib.metadata
 import os
 import platform
@@ -22,7 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["REPO", "git_commit", "package_version", "device_name", "now", "versions", "run_record"]
+__all__ = ["REPO", "device_name", "file_sha256", "git_commit", "now", "package_version", "row_stamp",
+           "run_record", "versions", "weights_id"]
 
 #: The checkout the package was imported from (for the git commit); a wheel install has none.
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +74,51 @@ def versions() -> dict[str, str | None]:
         "torchvision": package_version("torchvision"),
         "numpy": np.__version__,
         "python": sys.version.split()[0],
+    }
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, remembered per (path, size, mtime) for the life of the process."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+def weights_id(model: str, weights: str | None, *, seed: int, data_root: Path | None) -> str:
+    """What a model's numbers come from, cheaply and without loading it: the SHA-256 of its weights file,
+    the hash torchvision puts in its download's name, or ``random-init(seed=S)`` for ``weights=None``."""
+    from . import models
+
+    if weights is None:
+        return f"random-init(seed={seed})"
+    source = models.weights_source(model, weights, data_root=data_root)
+    if isinstance(source, Path):
+        return f"sha256:{file_sha256(source)}"
+    return source
+
+
+def row_stamp(method: str, *, model: str, weights: str | None, seed: int,
+              data_root: Path | None) -> dict[str, Any]:
+    """The :data:`iscam.store.STAMP_COLUMNS` of a row of ``method``: rows whose stamps differ were computed by
+    other code (the method's or the metrics' algorithm version, torch) or other weights, and are stale."""
+    from .config import method_class
+    from .metrics import METRICS_VERSION
+
+    return {
+        "iscam_version": package_version("iscam") or "unknown",
+        "algorithm_version": int(method_class(method).algorithm_version),
+        "metrics_version": METRICS_VERSION,
+        "torch_version": torch.__version__,
+        "weights_id": weights_id(model, weights, seed=seed, data_root=data_root),
     }
 
 

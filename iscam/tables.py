@@ -21,6 +21,7 @@ boxes all fall outside the (cropped) frame have no pointing value and are left o
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,8 +34,10 @@ __all__ = [
     "PAPER_SOURCES",
     "PAPER_MODELS",
     "METHOD_ORDER",
+    "Selection",
     "TableError",
     "select",
+    "selection",
     "table_i",
     "table_ii",
     "win_table",
@@ -106,7 +109,7 @@ _FALLBACK_NAMES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "smoothgrad
 _METRIC_LABELS = {"insertion": "Insertion %", "deletion": "Deletion %", "average_drop": "Avg Drop %",
                   "increase": "Avg Inc %", "pointing": "Proportion %"}
 _COLUMNS = ["model", "method", "name", "params_key", "metric", "ours", "low", "high", "n", "paper",
-            "paper_model", "diff"]
+            "paper_model", "diff", "skipped"]
 
 
 class TableError(ValueError):
@@ -125,36 +128,126 @@ def _method_rank(method: str) -> tuple[int, str]:
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
+def _config_keys(parsed: Any) -> dict[str, Any]:
+    """The key columns a config's rows share (model, weights, resize, layer, precision, metrics_key)."""
+    from .models import default_target_layer
+
+    return {"model": parsed.model.name,
+            "weights": "none" if parsed.model.weights is None else str(parsed.model.weights),
+            "resize": parsed.model.resize,
+            "layer": parsed.model.target_layer or default_target_layer(parsed.model.name),
+            "precision": parsed.precision, "metrics_key": parsed.metrics.key}
+
+
 def select(frame: pd.DataFrame, config: Any = None, *, methods: Iterable[tuple[str, Mapping[str, Any]]] | None = None,
-           metrics_key: str | None = None, seed: int | None = None) -> pd.DataFrame:
+           metrics_key: str | None = None, seed: int | None = None, files: Iterable[str] | None = None,
+           **columns: Any) -> pd.DataFrame:
     """Rows of ``frame`` that belong to one run description.
 
-    ``config``: an :class:`iscam.experiment.ExperimentConfig`, its ``to_dict()`` (e.g. ``run.json``'s
-    ``"config"``), or None. Keeps the config's model, its (method, params) pairs and its metric parameters.
-    ``methods`` / ``metrics_key`` select explicitly instead (``methods=[("iscam", {"N": 15})]``; the
-    method's defaults are filled in as in the store, see :func:`iscam.experiment.method_key`, and ``seed``
-    -- default: the config's, else 0 -- picks the stochastic methods' rows).
+    ``config``: an :class:`iscam.config.ExperimentConfig`, its ``to_dict()`` (e.g. ``run.json``'s
+    ``"config"``), or None. Keeps the rows with the config's model, weights, preprocessing, target layer,
+    precision, (method, params) pairs and metric parameters -- every key column, so a store holding several
+    layers or precisions is narrowed to one. ``files`` keeps those images only (the images the config
+    selects: :func:`iscam.runner.plan`). ``methods`` / ``metrics_key`` / ``columns`` (``layer="features.2"``)
+    select explicitly instead (``methods=[("iscam", {"N": 15})]``; the method's defaults are filled in as in
+    the store, see :func:`iscam.config.method_key`, and ``seed`` -- default: the config's, else 0 -- picks
+    the stochastic methods' rows).
     """
-    from .experiment import method_key
+    from .config import method_key
 
+    wanted_columns: dict[str, Any] = {}
     if config is not None:
-        from .experiment import ExperimentConfig, config_from_dict
+        from .config import ExperimentConfig, config_from_dict
 
         parsed = config if isinstance(config, ExperimentConfig) else config_from_dict(config)
-        frame = frame[frame["model"] == parsed.model.name]
+        wanted_columns = _config_keys(parsed)
         if methods is None:
             methods = [(m.name, m.params) for m in parsed.methods]
-        if metrics_key is None:
-            metrics_key = parsed.metrics.key
         if seed is None:
             seed = parsed.seed
+    if metrics_key is not None:
+        wanted_columns["metrics_key"] = metrics_key
+    wanted_columns.update(columns)
+    for column, value in wanted_columns.items():
+        if column not in frame.columns:
+            raise TableError(f"the frame has no column {column!r}")
+        frame = frame[frame[column] == value]
     if methods is not None:
         wanted = {(name, method_key(name, params, seed=seed or 0)) for name, params in methods}
         pairs = list(zip(frame["method"], frame["params_key"]))
         frame = frame.loc[np.array([pair in wanted for pair in pairs], dtype=bool)]
-    if metrics_key is not None:
-        frame = frame[frame["metrics_key"] == metrics_key]
+    if files is not None:
+        frame = frame[frame["file"].isin(set(files))]
     return frame.reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The rows of one study, paired: only the images every compared method has (:func:`selection`).
+
+    ``frame`` is what the tables use; ``missing`` maps a method label to the planned images it lacks;
+    ``dropped`` lists the images left out of ``frame`` because some method lacks them.
+    """
+
+    frame: pd.DataFrame
+    planned: tuple[str, ...]
+    missing: Mapping[str, tuple[str, ...]]
+    dropped: tuple[str, ...]
+    command: str = ""
+
+    @property
+    def complete(self) -> bool:
+        return not any(self.missing.values())
+
+    @property
+    def images(self) -> int:
+        return int(self.frame["file"].nunique()) if len(self.frame) else 0
+
+    def notice(self) -> str:
+        """One paragraph saying what is missing and the command that computes it ("" when complete)."""
+        if self.complete:
+            return ""
+        lacking = [f"{label} lacks {len(files)} of {len(self.planned)} images" for label, files in self.missing.items()
+                   if files]
+        first = sorted({f for files in self.missing.values() for f in files})[:3]
+        text = (f"INCOMPLETE: {'; '.join(lacking)} (e.g. {', '.join(first)}). The tables compare the methods on "
+                f"the {self.images} of {len(self.planned)} images every method has.")
+        if self.command:
+            text += f" Complete the store with: {self.command}"
+        return text
+
+
+def selection(frame: pd.DataFrame, config: Any, files: Sequence[str], *, command: str = "",
+              require_every_method: bool = True) -> Selection:
+    """:func:`select` the rows of ``config`` on ``files`` and pair them: a method with no row at all is a
+    :class:`TableError` naming it (``require_every_method``); images some method lacks are left out of
+    every method and listed, with ``command`` (what completes the store) in :meth:`Selection.notice`."""
+    from .config import ExperimentConfig, config_from_dict
+
+    parsed = config if isinstance(config, ExperimentConfig) else config_from_dict(config)
+    chosen = select(frame, parsed, files=files)
+    missing: dict[str, tuple[str, ...]] = {}
+    have: list[set[str]] = []
+    for spec in parsed.methods:
+        key = parsed.method_key(spec)
+        present = set(chosen.loc[(chosen["method"] == spec.name) & (chosen["params_key"] == key), "file"])
+        missing[spec.label()] = tuple(f for f in files if f not in present)
+        have.append(present)
+    absent = [label for label, lacking in missing.items() if len(lacking) == len(files) and files]
+    if absent and require_every_method:
+        where = f"; compute them with: {command}" if command else ""
+        raise TableError(f"the store has no rows for {', '.join(absent)} on the {len(files)} images of config "
+                         f"{parsed.name!r}{where}")
+    common = set.intersection(*have) if have else set()
+    dropped = tuple(f for f in files if f not in common and any(f in h for h in have))
+    return Selection(chosen[chosen["file"].isin(common)].reset_index(drop=True), tuple(files), missing,
+                     dropped, command)
+
+
+#: The ``--set`` key that chooses each key column (for messages that must give a command that works).
+_SET_KEYS = {"layer": "model.target_layer", "precision": "precision", "weights": "model.weights",
+             "resize": "model.resize", "metrics_key": "metrics.<metric>.<parameter>",
+             "params_key": "methods.<method>.<parameter>"}
 
 
 def _check_unique(frame: pd.DataFrame) -> None:
@@ -163,9 +256,12 @@ def _check_unique(frame: pd.DataFrame) -> None:
         for column in ("params_key", "metrics_key", "layer", "precision", "weights", "resize"):
             values = sorted(group[column].astype(str).unique())
             if len(values) > 1:
+                example = f"--set {_SET_KEYS[column]}={values[0]}" if column not in ("params_key", "metrics_key") \
+                    else f"--set {_SET_KEYS[column]}=..."
                 raise TableError(
                     f"{model}/{method} has rows for {len(values)} different {column} values ({'; '.join(values)}): "
-                    "narrow the frame first with iscam.tables.select(frame, config) or select(frame, methods=[...])"
+                    f"choose one, e.g. 'iscam table RESULTS {example}' (in Python: "
+                    "iscam.tables.select(frame, config) or select(frame, {column}=...))".replace("{column}", column)
                 )
 
 
@@ -179,6 +275,7 @@ def _paper(table: str, model: str, metric: str, method: str, paper_model: str | 
 
 def _row(model: str, method: str, pkey: str, metric: str, scores: np.ndarray, table: str,
          paper_model: str | None, n_boot: int, seed: int, paper_metric: str | None = None) -> dict[str, Any]:
+    skipped = int((~np.isfinite(scores)).sum())
     scores = scores[np.isfinite(scores)]
     if scores.size:
         ci = bootstrap_ci(scores, n_boot=n_boot, seed=seed)
@@ -188,7 +285,7 @@ def _row(model: str, method: str, pkey: str, metric: str, scores: np.ndarray, ta
     paper, chosen = _paper(table, model, paper_metric or metric, method, paper_model)
     return {"model": model, "method": method, "name": _paper_names().get(method, method), "params_key": pkey,
             "metric": metric, "ours": ours, "low": low, "high": high, "n": int(scores.size),
-            "paper": paper, "paper_model": chosen, "diff": ours - paper}
+            "paper": paper, "paper_model": chosen, "diff": ours - paper, "skipped": skipped}
 
 
 def _metric_table(frame: pd.DataFrame, table: str, metrics: Sequence[tuple[str, str]], *,
@@ -316,6 +413,8 @@ def format_table(table: pd.DataFrame, *, title: str | None = None, digits: int =
                 continue
             item = found.iloc[0]
             text = f"{item['ours']:.{digits}f} [{item['low']:.{digits}f}, {item['high']:.{digits}f}]"
+            if int(item.get("skipped", 0) or 0):  # an n smaller than the images' must say so
+                text += f" n={int(item['n'])}, {int(item['skipped'])} skipped"
             if np.isfinite(item["paper"]):
                 text += f" (paper {item['paper']:.{digits}f}"
                 text += ")" if item["paper_model"] == model else f", {item['paper_model']})"

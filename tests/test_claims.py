@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from iscam import claims, tables
+from iscam.models import default_target_layer
 from iscam.store import ROW_COLUMNS, ResultsStore, params_key
 
 PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper" / "iscam-paper.txt"
@@ -26,14 +27,17 @@ def _rows(method: str, values: dict[str, np.ndarray], *, model: str = "vgg16",
     o = np.asarray(values["o"], dtype=np.float64)
     frame = pd.DataFrame({
         "file": [f"img{i:03d}.JPEG" for i in range(n)], "model": model, "weights": "default",
-        "resize": "crop", "layer": "L", "precision": "fp32", "method": method, "params_key": params,
+        "resize": "crop", "layer": default_target_layer(model), "precision": "fp32", "method": method,
+        "params_key": params,
         "metrics_key": "{}", "index": np.arange(n), "label": 0, "target": 0, "correct": True, "y": y, "o": o,
         "drop": np.maximum(0.0, y - o) / y, "increase": (o > y).astype(np.float64), "change": y - o,
         "insertion_auc": values.get("ins", np.full(n, 0.5)),
         "deletion_auc": values.get("dele", np.full(n, 0.1)),
         "pointing": values.get("point", np.full(n, 0.4)), "insertion_curve": [[0.0, 1.0]] * n,
         "deletion_curve": [[1.0, 0.0]] * n, "method_seconds": 0.0, "metric_seconds": 0.0, "forward_count": 1,
-        "rank": 0,
+        "metric_forward_count": 0, "rank": 0, "pointing_skip": "", "map": [[0.0]] * n, "map_shape": [[1, 1]] * n,
+        "iscam_version": "test", "algorithm_version": 1, "metrics_version": 1, "torch_version": "test",
+        "weights_id": "test",
     })
     assert set(ROW_COLUMNS) == set(frame.columns)
     return frame

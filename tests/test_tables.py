@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from iscam import tables
-from iscam.experiment import load_config, method_key
+from iscam.config import load_config, method_key
+from iscam.models import default_target_layer
 from iscam.store import KEY_COLUMNS, ResultsStore
 
 PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper" / "iscam-paper.txt"
@@ -19,8 +20,8 @@ PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper" / "iscam-paper.
 def _frame(rows: list[tuple[str, str, str, dict]]) -> pd.DataFrame:
     records = []
     for file, model, method, values in rows:
-        record = dict(zip(KEY_COLUMNS, (file, model, "default", "crop", "L", "fp32", method, values.pop("params", "{}"),
-                                        "{}")))
+        record = dict(zip(KEY_COLUMNS, (file, model, "default", "crop", default_target_layer(model), "fp32", method,
+                                        values.pop("params", "{}"), "{}")))
         y, o = values.get("y", 0.5), values.get("o", 0.25)
         record.update(index=int(file[1:]), label=0, target=0, correct=True, y=y, o=o,
                       drop=max(0.0, y - o) / y, increase=float(o > y), change=y - o,

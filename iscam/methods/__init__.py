@@ -14,18 +14,21 @@ with methods.get("iscam", model, "layer4", N=10) as cam:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from iscam.methods.base import CAM, default_target_layer, minmax_normalize, upsample
 from iscam.methods.baseline import RandomCAM
 from iscam.methods.gradient import GradCAM, GradCAMpp, SmoothGradCAMpp
-from iscam.methods.score import ISCAM, SSCAM, ScoreCAM, iscam_coefficients
+from iscam.methods.score import ISCAM, SSCAM, ISCAMTrace, ScoreCAM, iscam_coefficients
 
 __all__ = [
     "CAM",
     "ISCAM",
+    "ISCAMTrace",
     "METHODS",
     "METHOD_NAMES",
     "PAPER_NAMES",
@@ -39,6 +42,7 @@ __all__ = [
     "get",
     "iscam_coefficients",
     "minmax_normalize",
+    "reconstruct",
     "upsample",
 ]
 
@@ -52,6 +56,22 @@ METHODS: dict[str, type[CAM]] = {
 
 #: Display names (the paper's six, plus the random baseline row), from the classes.
 PAPER_NAMES: dict[str, str] = {name: cls.display_name for name, cls in METHODS.items()}
+
+
+def reconstruct(name: str, raw: Tensor | None, size: tuple[int, int], params: Mapping[str, Any] | None = None,
+                *, seed: int | None = None) -> Tensor:
+    """The full-size maps ``[B, H, W]`` of method ``name`` from its stored :meth:`CAM.raw_maps`.
+
+    ``params`` are the method's parameters (e.g. a row's ``params_key`` decoded); the random baseline keeps no
+    raw map and is rebuilt from the seed of its row instead (``raw=None``, ``seed=``).
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
+    if raw is None:
+        if name != RandomCAM.name or seed is None:
+            raise ValueError(f"{name}: a map is rebuilt from its raw map (or, for 'random', from its seed)")
+        return RandomCAM.regenerate(seed, size)[None]
+    return METHODS[name].finish(raw, size, **dict(params or {})).to(torch.float32)
 
 
 def get(name: str, model: nn.Module, target_layer: str | nn.Module | None = None, **kwargs: Any) -> CAM:

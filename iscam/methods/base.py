@@ -1,7 +1,8 @@
 """Shared machinery of every CAM method: layer resolution, input and target checks, model-state
 restoration, the clean forward that captures the target layer, and map normalisation.
 
-A method subclasses :class:`CAM` and implements :meth:`CAM._saliency`; everything else lives here once.
+A method subclasses :class:`CAM` and implements :meth:`CAM._raw` (and :meth:`CAM.finish` when its last steps
+differ); everything else lives here once.
 """
 
 from __future__ import annotations
@@ -187,16 +188,35 @@ class CAM(ABC):
     def __call__(self, x: Tensor, target: Target = None) -> Tensor:
         """Saliency maps ``[B, H, W]`` (float32, in [0, 1], on ``x.device``) for the classes ``target``.
 
-        ``target=None`` explains the argmax of the model's logits on the clean ``x``.
+        ``target=None`` explains the argmax of the model's logits on the clean ``x``. Equal to
+        ``finish(raw_maps(x, target), (H, W), **parameters)``.
+        """
+        raw = self.raw_maps(x, target)
+        return self.finish(raw, (x.shape[-2], x.shape[-1]), **self._finish_params()).to(torch.float32)
+
+    def raw_maps(self, x: Tensor, target: Target = None) -> Tensor:
+        """The maps before their last, model-free steps (``[B, h, w]``, at the target layer's resolution for
+        the CAM methods): what the results store keeps, since :meth:`finish` rebuilds the full-size map from
+        it exactly (bilinear upsampling is linear, so a 7x7 map stands for a 224x224 one).
         """
         self._check_open()
         x = self._check_input(x)
         start = self.forward_count
         self.last_stats = {}
         with _eval_mode(self.model):
-            saliency = self._saliency(x, target)
+            raw = self._raw(x, target)
         self.last_stats["forwards"] = self.forward_count - start
-        return saliency.to(torch.float32)
+        return raw
+
+    @classmethod
+    def finish(cls, raw: Tensor, size: tuple[int, int], **parameters: Any) -> Tensor:
+        """Full-size maps ``[B, H, W]`` in [0, 1] from :meth:`raw_maps`: ``minmax(up(ReLU(raw)))``.
+
+        ``parameters`` are the method's constructor parameters (those that change the last steps are read,
+        e.g. the Score family's ``protocol``; the others are ignored), so a stored map is rebuilt from the
+        row's parameters alone, without the model.
+        """
+        return minmax_normalize(upsample(torch.relu(raw).unsqueeze(1), size)).squeeze(1)
 
     def close(self) -> None:
         """Remove every hook this object placed on the model; the object cannot be called afterwards."""
@@ -219,8 +239,12 @@ class CAM(ABC):
 
     # ------------------------------------------------------------------ for subclasses
     @abstractmethod
-    def _saliency(self, x: Tensor, target: Target) -> Tensor:
-        """Saliency ``[B, H, W]`` in [0, 1] for a checked input ``x``; called with the model in eval mode."""
+    def _raw(self, x: Tensor, target: Target) -> Tensor:
+        """Raw maps ``[B, h, w]`` (see :meth:`raw_maps`) for a checked ``x``; called with the model in eval mode."""
+
+    def _finish_params(self) -> dict[str, Any]:
+        """The parameters :meth:`finish` reads, from this object."""
+        return {}
 
     def _extra_repr(self) -> str:
         return f"target_layer={self.target_layer!r}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -40,11 +42,22 @@ class RandomCAM(CAM):
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
 
-    def _saliency(self, x: Tensor, target: Target) -> Tensor:
+    def _raw(self, x: Tensor, target: Target) -> Tensor:
         batch, _, height, width = x.shape
         if target is not None:
             _target_indices(target, batch)  # type and length only: the model (and its class count) is not run
         return torch.rand((batch, height, width), generator=self._generator).to(x.device)
+
+    @classmethod
+    def finish(cls, raw: Tensor, size: tuple[int, int], **_: Any) -> Tensor:
+        """The raw maps already are the maps (at the input size)."""
+        return raw
+
+    @staticmethod
+    def regenerate(seed: int, size: tuple[int, int]) -> Tensor:
+        """The map ``[H, W]`` the first call of ``RandomCAM(model, seed=seed)`` draws for one image: a stored
+        row of the random baseline is rebuilt from its seed instead of keeping ``H x W`` floats."""
+        return torch.rand((1, *size), generator=torch.Generator().manual_seed(_check_seed(seed)))[0]
 
     def _extra_repr(self) -> str:
         return f"seed={self.seed}"

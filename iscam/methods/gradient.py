@@ -19,8 +19,6 @@ from iscam.methods.base import (
     _check_non_negative,
     _check_positive_int,
     _check_seed,
-    minmax_normalize,
-    upsample,
 )
 
 __all__ = ["NOISY_TARGETS", "GradCAM", "GradCAMpp", "SmoothGradCAMpp", "gradcampp_alpha"]
@@ -50,14 +48,11 @@ class _GradientFamily(CAM):
             (gradient,) = torch.autograd.grad(logits.gather(1, labels[:, None]).sum(), activation)
         return activation.detach(), gradient.detach(), labels
 
-    def _combine(self, weights: Tensor, activation: Tensor, size: tuple[int, int]) -> Tensor:
-        dtype = torch.promote_types(activation.dtype, torch.float32)
-        combined = torch.einsum("bk,bkhw->bhw", weights.to(dtype), activation.to(dtype)).unsqueeze(1)
-        return minmax_normalize(upsample(torch.relu(combined), size)).squeeze(1)
-
-    def _saliency(self, x: Tensor, target: Target) -> Tensor:
+    def _raw(self, x: Tensor, target: Target) -> Tensor:
+        """``sum_k w_k A_k`` at the layer's resolution; :meth:`CAM.finish` applies ReLU, upsampling, min-max."""
         weights, activation = self._channel_weights(x, target)
-        return self._combine(weights, activation, (x.shape[-2], x.shape[-1]))
+        dtype = torch.promote_types(activation.dtype, torch.float32)
+        return torch.einsum("bk,bkhw->bhw", weights.to(dtype), activation.to(dtype))
 
     def _channel_weights(self, x: Tensor, target: Target) -> tuple[Tensor, Tensor]:
         raise NotImplementedError

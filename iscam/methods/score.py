@@ -26,7 +26,8 @@ once and share the result, scores stay on the device until the end, and ``amp="b
 
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +46,7 @@ from iscam.methods.base import (
 
 __all__ = [
     "ISCAM",
+    "ISCAMTrace",
     "NOISE_MODES",
     "PROTOCOLS",
     "SCHEDULES",
@@ -150,13 +152,22 @@ class _ScoreFamily(CAM):
         self.last_stats["forwards"] = self.forward_count - start
         return weights
 
-    def _saliency(self, x: Tensor, target: Target) -> Tensor:
+    def _raw(self, x: Tensor, target: Target) -> Tensor:
+        """``sum_k alpha_k A_k`` at the layer's resolution, before the ReLU (see :meth:`finish`)."""
         weights, activation = self._weights(x, target)
-        combined = torch.einsum("bk,bkhw->bhw", weights.to(activation.dtype), activation).unsqueeze(1)
-        size = (x.shape[-2], x.shape[-1])
-        if self.protocol == "torchcam":
+        return torch.einsum("bk,bkhw->bhw", weights.to(activation.dtype), activation)
+
+    @classmethod
+    def finish(cls, raw: Tensor, size: tuple[int, int], *, protocol: str = "authors", **_: Any) -> Tensor:
+        """``minmax(ReLU(up(raw)))`` (the authors': ReLU after upsampling, which ``up(sum_k alpha_k A_k) =
+        sum_k alpha_k U_k`` makes exact); with ``protocol="torchcam"``, ``up(minmax_eps(ReLU(raw)))``."""
+        combined = raw.unsqueeze(1)
+        if protocol == "torchcam":
             return upsample(_torchcam_normalise(torch.relu(combined)), size).squeeze(1)
         return minmax_normalize(torch.relu(upsample(combined, size))).squeeze(1)
+
+    def _finish_params(self) -> dict[str, Any]:
+        return {"protocol": self.protocol}
 
     # ------------------------------------------------------------------ machinery
     def _perturbed_forward(self, inputs: Tensor) -> Tensor:
@@ -396,8 +407,67 @@ class ISCAM(_ScoreFamily):
             self._scales[(images.dtype, images.device)] = scales
         return (images * masks)[rows] * scales[steps].view(-1, 1, 1, 1)
 
+    def trace(self, x: Tensor, target: Target = None, *, channels: int = 4) -> ISCAMTrace:
+        """IS-CAM on one image ``[1, 3, H, W]``, with the per-step class scores of the ``channels``
+        highest-weighted channels (:class:`ISCAMTrace`). The step scores are forwarded again from the same
+        masks and checked against the weights the map uses, so a figure drawn from them shows what the method
+        computes. Requires ``protocol="authors"`` (TorchCAM's scores are logit differences)."""
+        if self.protocol != "authors":
+            raise ValueError("trace() shows the authors' protocol (softmax scores); this IS-CAM uses 'torchcam'")
+        x = self._check_input(x)
+        if x.shape[0] != 1:
+            raise ValueError(f"trace() explains one image, got a batch of {x.shape[0]}")
+        _check_positive_int("channels", channels)
+        with _eval_mode(self.model), torch.no_grad():
+            start = self.forward_count
+            weights, activation = self._weights(x, target)
+            forwards = self.forward_count - start
+            logits = self.model(x)
+            label = int(self._resolve_target(target, logits)[0])
+            probability = float(torch.softmax(logits.float(), 1)[0, label])
+            raw = torch.einsum("bk,bkhw->bhw", weights.to(activation.dtype), activation)[0]
+            order = torch.argsort(weights[0], descending=True, stable=True)[:channels]
+            shown = activation[0, order].to(weights.dtype)
+            masks = minmax_normalize(upsample(shown[None], (x.shape[-2], x.shape[-1])))[0]
+            scales = torch.tensor(self.coefficients, dtype=x.dtype, device=x.device)
+            inputs = (x * masks[:, None].to(x.dtype))[:, None] * scales.view(1, -1, 1, 1, 1)
+            with self._autocast(x.device):
+                step_logits = self.model(self._layout(inputs.flatten(0, 1)))
+            steps = torch.softmax(step_logits.to(weights.dtype), 1)[:, label].view(len(order), self.N)
+        expected = weights[0, order]
+        if not torch.allclose(steps.mean(1), expected, rtol=1e-3, atol=1e-5):
+            raise AssertionError(f"IS-CAM trace disagrees with its channel weights: {steps.mean(1)} vs {expected}")
+        return ISCAMTrace(
+            target=label, probability=probability, N=self.N, schedule=self.schedule,
+            coefficients=tuple(self.coefficients), weights=weights[0].float().cpu(),
+            channels=tuple(int(c) for c in order), activation=shown.float().cpu(),
+            step_scores=steps.float().cpu(), raw=raw.float().cpu(), forwards=forwards,
+        )
+
     def _extra_repr(self) -> str:
         return f"{super()._extra_repr()}, N={self.N}, schedule={self.schedule!r}"
+
+
+@dataclass(frozen=True)
+class ISCAMTrace:
+    """What IS-CAM computes on one image, step by step (Fig. 1 of the paper, from real tensors).
+
+    ``activation`` holds the shown channels' maps at the layer's resolution (their upsampled, normalised masks
+    are ``minmax(up(activation))``), ``step_scores[c, i]`` is ``p_target(a_i X * M_c)`` and its mean over
+    ``i`` is ``weights[channels[c]]``; ``raw`` is :meth:`ISCAM.raw_maps` of the image.
+    """
+
+    target: int
+    probability: float  # softmax probability of target on the clean image
+    N: int
+    schedule: str
+    coefficients: tuple[float, ...]  # a_1..a_N
+    weights: Tensor  # [K] alpha_k of every channel
+    channels: tuple[int, ...]  # the shown channels (largest weights first)
+    activation: Tensor  # [C, h, w]
+    step_scores: Tensor  # [C, N]
+    raw: Tensor  # [h, w]
+    forwards: int  # forward passes of the IS-CAM map (the step scores of the trace are not counted)
 
 
 class SSCAM(_ScoreFamily):
