@@ -162,7 +162,9 @@ def _removal_ranks(saliency: Tensor, most_relevant_first: bool) -> Tensor:
     """Removal rank of every pixel ``[B, H*W]`` (0 = removed first); ties in raster order."""
     from iscam.metrics import pixel_ranks
 
-    return pixel_ranks(saliency if most_relevant_first else -saliency)
+    # Negating an unsigned integer map would wrap around (-1 -> 255): rank integer maps as float64.
+    values = saliency if saliency.is_floating_point() else saliency.double()
+    return pixel_ranks(values if most_relevant_first else -values)
 
 
 def removal_masks(saliency: Tensor, fractions: Sequence[float] = ROAD_FRACTIONS, *,

@@ -164,6 +164,15 @@ def test_removal_masks_follow_saliency_order_and_floor_counts():
     assert (morf[:, :-1] <= morf[:, 1:]).all() and (lerf[:, :-1] <= lerf[:, 1:]).all()  # nested
 
 
+def test_integer_maps_are_ranked_like_float_maps():
+    levels = torch.randint(1, 256, (2, 6, 6), generator=torch.Generator().manual_seed(8))
+    levels[:, 2, 1:4] = 0  # uint8 negation keeps 0 at 0 but wraps 1..255 to 255..1: 0 would go last
+    for order in ("morf", "lerf"):
+        as_float = road.removal_masks(levels.double(), (0.3, 0.7), order=order)
+        for dtype in (torch.uint8, torch.int64):
+            assert torch.equal(road.removal_masks(levels.to(dtype), (0.3, 0.7), order=order), as_float)
+
+
 def test_ties_are_removed_in_raster_order_in_both_orders():
     saliency = torch.zeros(1, 4, 5)
     saliency[0, 3, 4] = 1.0  # one top pixel; the 19 others tie at 0
