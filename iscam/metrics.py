@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from iscam.road import road_curve, road_scores  # ROAD (Rong et al. 2022), implemented in iscam.road
 from iscam.stats import CI, bootstrap_ci, paired_bootstrap_diff
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "insertion_curve",
     "paired_bootstrap_diff",
     "pixel_ranks",
+    "road_curve", "road_scores",
     "win_rate",
     "win_rate_ci",
     "zeros_substrate",

@@ -91,3 +91,31 @@ def test_channel_shares_count_what_score_cam_skips(assets: Path, tmp_path: Path)
     assert stats["forwards"] == scored + 3  # and the 3 clean forwards
     assert torch.isclose(torch.tensor(report["skipped_or_duplicate_share"]),
                          torch.tensor(report["constant_share"] + report["duplicate_share"]))
+
+
+def test_road_benchmark_reports_the_curves_it_timed(assets: Path, tmp_path: Path) -> None:
+    """The ROAD timing script reports, per order, the mean curve road_curve gives on the same image."""
+    import torch
+
+    from iscam import methods, metrics, models, road
+    from iscam.data import ManifestDataset, sample_manifest
+
+    out = tmp_path / "road_cpu"
+    with loaded_script("road_cpu.py", "road_cpu") as module:
+        assert module.main(["--models", "mobilenet_v1_coral_tiny", "--images", "1", "--out", str(out)]) == 0
+    (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert (row["model"], row["size"], row["images"]) == ("mobilenet_v1_coral_tiny", 128, 1)
+    assert "| mobilenet_v1_coral_tiny | 128² | lerf |" in out.with_suffix(".md").read_text()
+
+    loaded = models.load("mobilenet_v1_coral_tiny")
+    x = ManifestDataset(sample_manifest(), loaded.preprocess, limit=1)[0].image[None]
+    with torch.no_grad():
+        target = loaded.model(x).argmax(dim=1)
+    with methods.get("gradcam", loaded.model, loaded.target_layer) as cam:
+        saliency = cam(x, target)
+    for order in ("morf", "lerf"):
+        curve = metrics.road_curve(loaded.model, x, saliency, target, order=order, seed=0,
+                                   noise=road.road_noise(loaded.preprocess.std))
+        assert row[order]["mean_curve"] == pytest.approx(curve[0].tolist(), abs=1e-6)
+    assert row["both_orders_cpu_s_per_image"] == pytest.approx(
+        row["morf"]["road_curve_cpu_s_per_image"] + row["lerf"]["road_curve_cpu_s_per_image"])

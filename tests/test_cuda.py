@@ -105,3 +105,16 @@ def test_low_precision_maps_keep_fp32_ranking_and_aucs(name: str, amp: str) -> N
     for curve in (metrics.insertion_curve, metrics.deletion_curve):
         change = metrics.auc(curve(loaded.model, x, fp32, target)) - metrics.auc(curve(loaded.model, x, low, target))
         assert float(change.abs().max()) <= 0.005
+
+
+def test_cuda_road_curve_matches_cpu(resnet_pair) -> None:
+    """ROAD imputes on the CPU and draws its noise from CPU generators: the GPU curve is the CPU's."""
+    cpu_model, cuda_model = resnet_pair
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    saliency = torch.rand(2, 32, 32, generator=torch.Generator().manual_seed(6))
+    options = {"order": "lerf", "fractions": (0.2, 0.6), "seed": [1, 2]}
+    reference = metrics.road_curve(cpu_model, x, saliency.double(), torch.tensor([3, 7]), **options)
+    result = metrics.road_curve(cuda_model, x.float().cuda(), saliency.cuda(),
+                                torch.tensor([3, 7], device="cuda"), **options)
+    assert result.device.type == "cuda" and result.shape == (2, 2)
+    torch.testing.assert_close(result.cpu().double(), reference, atol=1e-5, rtol=0)
