@@ -7,6 +7,7 @@ Subpackages and modules:
 - :mod:`iscam.models` -- the paper's CNNs and the offline Coral MobileNets
 - :mod:`iscam.data` -- ILSVRC2012-val with bounding boxes
 - :mod:`iscam.experiment` -- resumable, provenance-stamped runs
+- :mod:`iscam.sanity` -- saliency sanity checks (Adebayo et al. 2018): maps under model randomisation
 """
 
 from __future__ import annotations
