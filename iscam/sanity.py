@@ -23,7 +23,7 @@ initialisation: Kaiming-uniform weights and uniform biases for ``Conv2d``/``Line
 BatchNorm in eval mode is the identity up to ``1/sqrt(1 + eps)`` -- not random. (Adebayo et al.'s
 TensorFlow code re-ran the initialisers of the trainable variables only, so their moving statistics stayed
 trained.) A module that owns parameters but has no ``reset_parameters`` is an error; modules without
-parameters (ReLU, pooling, parameter-free BatchNorm) are never touched.
+parameters (ReLU, pooling, an affine-free BatchNorm, whose running statistics stay trained) are never touched.
 
 **Maps.** For every stage, each method (``iscam.methods.get(name, model, layer, **params)``) explains the
 trained model's class (the argmax of the trained logits unless ``target`` is given) on the randomised copy,
@@ -273,7 +273,8 @@ def sanity_rows(
     hog_cell: int = HOG_CELL,
 ) -> list[dict[str, Any]]:
     """Run the sanity checks of ``methods`` on the batch ``x``: one row (:data:`SANITY_COLUMNS`) per image x
-    method x stage.
+    method x stage. The trained model is not a row (its similarity to itself is 1 by definition, or NaN for a
+    constant map); curves start from it as stage 0.
 
     Args:
         model: the trained classifier (never modified: every stage is computed on one deep copy whose layers
