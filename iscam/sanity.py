@@ -11,8 +11,8 @@ flags = sanity.insensitive_methods(rows)       # maps that barely change under f
 **Stages.** :func:`parameterised_layers` lists the model's layers that own parameters in the order a real
 forward pass executes them (forward pre-hooks, not the definition order). *Cascading* stage ``k``
 re-initialises the top ``k`` of them, from the logits down to the first layer; *independent* stage ``k``
-re-initialises only the ``k``-th from the top (:func:`randomisation_stages`). Every stage works on a deep copy:
-the caller's model is never touched.
+re-initialises only the ``k``-th from the top (:func:`randomisation_stages`). Every stage works on a deep
+copy: the caller's model is never touched.
 
 **Re-initialisation.** Each module that owns parameters gets its own ``reset_parameters()`` on a CPU copy,
 with torch's CPU generator seeded by :func:`layer_seed` of (seed, the module's dotted name), and the result
@@ -123,8 +123,9 @@ SSIM_WINDOW = 11
 HOG_CELL = 16
 HOG_ORIENTATIONS = 9
 HOG_BLOCK = 3
-#: :func:`insensitive_methods` flags a method whose mean Spearman correlation at the fully randomised cascading
-#: stage is above this: more than half of the rank agreement of two identical maps survives random weights.
+#: :func:`insensitive_methods` flags a method whose mean Spearman correlation at the fully randomised
+#: cascading stage is above this: more than half of the rank agreement of two equal maps survives random
+#: weights.
 INSENSITIVE_THRESHOLD = 0.5
 
 
@@ -138,16 +139,17 @@ class Stage:
     layers: tuple[str, ...]  #: every layer re-initialised at this stage
 
 
-# ---------------------------------------------------------------------------------------------------- stages
-def parameterised_layers(model: nn.Module, x: Tensor, granularity: str | Sequence[str] = "block") -> list[str]:
+# ----------------------------------------------------------------------------------------------------- stages
+def parameterised_layers(model: nn.Module, x: Tensor,
+                         granularity: str | Sequence[str] = "block") -> list[str]:
     """Names of the model's parameterised layers in the order one forward pass of ``x`` executes them.
 
     ``granularity``:
 
-    - ``"block"`` (default): the outermost modules that are not a plain ``nn.Sequential`` -- the containers are
-      descended, so torchvision's VGG gives ``features.0 ... classifier.6`` (16 layers), SqueezeNet its Fire
-      modules ``features.N`` and ``classifier.1`` (10), ResNet-18 ``conv1, bn1, layer1.0 ... layer4.1, fc``
-      (11) and the Coral MobileNetV1 ``features.0 ... features.13, classifier`` (15);
+    - ``"block"`` (default): the outermost modules that are not a plain ``nn.Sequential`` -- the containers
+      are descended, so torchvision's VGG gives ``features.0 ... classifier.6`` (16 layers), SqueezeNet its
+      Fire modules ``features.N`` and ``classifier.1`` (10), ResNet-18 ``conv1, bn1, layer1.0 ... layer4.1,
+      fc`` (11) and the Coral MobileNetV1 ``features.0 ... features.13, classifier`` (15);
     - ``"module"``: every module that owns parameters (VGG-16: 16, ResNet-18: 41, SqueezeNet 1.0: 26);
     - a sequence of module names, e.g. ResNet's stages ``["conv1", "bn1", "layer1", ..., "layer4", "fc"]``
       (Adebayo et al. randomised Inception v3 by its named blocks); only these are randomised.
@@ -206,7 +208,7 @@ def randomisation_stages(layers: Sequence[str], modes: Sequence[str] = MODES) ->
 
 
 def layer_seed(seed: int, name: str) -> int:
-    """Seed of the re-initialisation of the module called ``name``: a hash of (seed, name) in ``[0, 2**63)``."""
+    """Seed of the re-initialisation of the module ``name``: a hash of (seed, name) in ``[0, 2**63)``."""
     digest = hashlib.sha256(f"{seed}\x00{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
@@ -218,7 +220,7 @@ def stage_seed(seed: int, stage: Stage) -> int:
 
 
 def randomised_copy(model: nn.Module, layers: Iterable[str], *, seed: int = 0) -> nn.Module:
-    """A deep copy of ``model`` with the modules named in ``layers`` re-initialised (see the module docstring)."""
+    """A deep copy of ``model`` with the modules named in ``layers`` re-initialised (module docstring)."""
     _check_model(model)
     _check_seed(seed)
     names = list(layers)
@@ -230,14 +232,15 @@ def randomised_copy(model: nn.Module, layers: Iterable[str], *, seed: int = 0) -
     return randomised
 
 
-# ---------------------------------------------------------------------------------------------------- similarity
+# ------------------------------------------------------------------------------------------------- similarity
 def similarity(reference: Tensor | np.ndarray, maps: Tensor | np.ndarray, *,
                hog_cell: int = HOG_CELL) -> dict[str, np.ndarray]:
     """Similarity of ``maps`` to ``reference`` (both ``[B, H, W]``): one float64 array ``[B]`` per metric.
 
     Keys are :data:`SIMILARITY_METRICS` (see the module docstring for the conventions). Correlations are
     computed with exact (rank) or exactly rounded (HOG) sums, so two equal maps give exactly 1; a constant map
-    gives NaN. ``hog_cell`` is the HOG cell size; the maps must be at least ``3 * hog_cell`` and 11 pixels wide.
+    gives NaN. ``hog_cell`` is the HOG cell size; the maps must be at least ``3 * hog_cell`` and 11 pixels
+    wide.
     """
     first, second = _as_maps(reference, "reference"), _as_maps(maps, "maps")
     if first.shape != second.shape:
@@ -258,7 +261,7 @@ def similarity(reference: Tensor | np.ndarray, maps: Tensor | np.ndarray, *,
     return result
 
 
-# ---------------------------------------------------------------------------------------------------- the check
+# -------------------------------------------------------------------------------------------------- the check
 def sanity_rows(
     model: nn.Module,
     x: Tensor,
@@ -307,12 +310,13 @@ def sanity_rows(
     random_seeds: dict[str, int] = {}  # the random baseline's seed, from which its stage draws are derived
     try:
         if stages is None:
-            stages = _check_stages(working, randomisation_stages(parameterised_layers(working, batch, granularity),
-                                                                 modes))
+            layers = parameterised_layers(working, batch, granularity)
+            stages = _check_stages(working, randomisation_stages(layers, modes))
         with torch.no_grad(), _eval_mode(working):
             logits = working(batch)
         if not isinstance(logits, Tensor) or logits.ndim != 2:
-            raise TypeError(f"the model must return logits [B, classes], got {getattr(logits, 'shape', logits)}")
+            shape = getattr(logits, "shape", logits)
+            raise TypeError(f"the model must return logits [B, classes], got {shape}")
         labels = CAM._resolve_target(target, logits)
         for name, cam in cams.items():
             trained[name] = cam(batch, labels).detach()
@@ -338,9 +342,10 @@ def sanity_rows(
     return rows
 
 
-# ---------------------------------------------------------------------------------------------------- summaries
-def summarise(rows: Sequence[Mapping[str, Any]] | pd.DataFrame, *, metrics: Sequence[str] = SIMILARITY_METRICS,
-              n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
+# -------------------------------------------------------------------------------------------------- summaries
+def summarise(rows: Sequence[Mapping[str, Any]] | pd.DataFrame, *,
+              metrics: Sequence[str] = SIMILARITY_METRICS, n_boot: int = 10000, seed: int = 0,
+              level: float = 0.95) -> pd.DataFrame:
     """Mean and percentile-bootstrap interval (:func:`iscam.stats.bootstrap_ci`) of each metric per method and
     stage, one row per (method, mode, stage, metric).
 
@@ -375,8 +380,8 @@ def insensitive_methods(rows: Sequence[Mapping[str, Any]] | pd.DataFrame, *, met
     ``threshold`` (default :data:`INSENSITIVE_THRESHOLD`): a map that barely depends on the weights.
 
     The fully randomised stage is the cascading stage with the most layers re-initialised among ``rows``.
-    Columns: ``method, stage, randomised, n_randomised, mean, low, high, n, n_undefined, flagged``. Methods with
-    no cascading rows are absent; a mean that is NaN (no defined value) is not flagged.
+    Columns: ``method, stage, randomised, n_randomised, mean, low, high, n, n_undefined, flagged``. Methods
+    with no cascading rows are absent; a mean that is NaN (no defined value) is not flagged.
     """
     frame = _rows_frame(rows)
     if metric not in SIMILARITY_METRICS:
@@ -384,7 +389,8 @@ def insensitive_methods(rows: Sequence[Mapping[str, Any]] | pd.DataFrame, *, met
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1 <= threshold <= 1:
         raise ValueError(f"threshold must be a number in [-1, 1], got {threshold!r}")
     cascading = frame[frame["mode"] == "cascading"]
-    full = cascading[cascading["n_randomised"] == cascading.groupby("method")["n_randomised"].transform("max")]
+    deepest = cascading.groupby("method")["n_randomised"].transform("max")
+    full = cascading[cascading["n_randomised"] == deepest]
     table = summarise(full, metrics=[metric], n_boot=n_boot, seed=seed)
     table = table.drop(columns=["mode", "metric"])
     table["flagged"] = table["mean"] > threshold
@@ -441,7 +447,8 @@ def _check_methods(methods: Any) -> dict[str, dict[str, Any]]:
             raise TypeError(f"the parameters of {name!r} must be a mapping, got {params!r}")
         reserved = {"model", "target_layer"} & set(params)
         if reserved:
-            raise ValueError(f"the parameters of {name!r} may not set {sorted(reserved)}: pass layer= instead")
+            raise ValueError(f"the parameters of {name!r} may not set {sorted(reserved)}: pass layer= "
+                             "instead")
         specs[str(name)] = dict(params)
     return specs
 
@@ -481,8 +488,8 @@ def _units(model: nn.Module, granularity: str | Sequence[str]) -> dict[str, nn.M
     else:
         names = list(granularity)
         if not names or not all(isinstance(name, str) and name for name in names):
-            raise ValueError(f"granularity must be 'block', 'module' or a non-empty sequence of module names, "
-                             f"got {granularity!r}")
+            raise ValueError("granularity must be 'block', 'module' or a non-empty sequence of module "
+                             f"names, got {granularity!r}")
         units = {name: resolve_layer(model, name) for name in names}
         _check_disjoint(names)
     for name, module in units.items():
@@ -507,7 +514,8 @@ def _check_disjoint(names: Sequence[str]) -> None:
     for a in names:
         for b in names:
             if a != b and b.startswith(a + "."):
-                raise ValueError(f"layer {b!r} lies inside layer {a!r}: the layers of the stages must not overlap")
+                raise ValueError(f"layer {b!r} lies inside layer {a!r}: the layers of the stages must not "
+                                 "overlap")
 
 
 def _check_stages(model: nn.Module, stages: Sequence[Stage]) -> list[Stage]:
@@ -516,7 +524,8 @@ def _check_stages(model: nn.Module, stages: Sequence[Stage]) -> list[Stage]:
         raise TypeError(f"stages must be a non-empty sequence of Stage, got {stages!r}")
     for stage in stages:
         if stage.mode not in MODES or not stage.layers or stage.layer not in stage.layers:
-            raise ValueError(f"invalid stage {stage!r}: mode must be one of {MODES} and layer one of its layers")
+            raise ValueError(f"invalid stage {stage!r}: mode must be one of {MODES} and layer one of its "
+                             "layers")
     names = sorted({name for stage in stages for name in stage.layers})
     for name in names:
         _check_resettable(name, resolve_layer(model, name))
@@ -525,7 +534,7 @@ def _check_stages(model: nn.Module, stages: Sequence[Stage]) -> list[Stage]:
 
 
 def _reinitialise(model: nn.Module, name: str, seed: int) -> None:
-    """Re-initialise every parameter owner inside the module ``name`` of ``model``, in place (seeded, on CPU)."""
+    """Re-initialise every parameter owner inside the module ``name`` of ``model`` in place (seeded, CPU)."""
     for owner, module in _owners(resolve_layer(model, name), name):
         fresh = copy.deepcopy(module).to("cpu")
         with torch.random.fork_rng(devices=[]):
@@ -540,7 +549,8 @@ def _own_tensors(module: nn.Module) -> list[Tensor]:
     return [*module.parameters(recurse=False), *module.buffers(recurse=False)]
 
 
-def _randomised_stages(working: nn.Module, stages: Sequence[Stage], seed: int) -> Iterator[tuple[Stage, nn.Module]]:
+def _randomised_stages(working: nn.Module, stages: Sequence[Stage],
+                       seed: int) -> Iterator[tuple[Stage, nn.Module]]:
     """Bring ``working`` to each stage in turn: re-initialise the layers the stage adds, restore the trained
     weights of those it does not include (kept from before their first re-initialisation)."""
     trained: dict[str, list[tuple[Tensor, Tensor]]] = {}
@@ -613,8 +623,9 @@ def _rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _pearson(u: np.ndarray, v: np.ndarray) -> float:
-    """Pearson's r with exactly rounded sums (``math.fsum``, so the result does not depend on how a BLAS orders
-    them): equal inputs give exactly 1, since ``sqrt(s * s) == s`` in IEEE arithmetic; a constant input NaN."""
+    """Pearson's r with exactly rounded sums (``math.fsum``: the result does not depend on how a BLAS
+    orders them): equal inputs give exactly 1, as ``sqrt(s * s) == s`` in IEEE arithmetic; a constant input
+    gives NaN."""
     u, v = u.ravel().astype(np.float64), v.ravel().astype(np.float64)
     du = u - math.fsum(u) / u.size
     dv = v - math.fsum(v) / v.size

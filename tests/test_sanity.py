@@ -1,4 +1,4 @@
-"""Sanity checks (iscam.sanity): stage lists, seeded re-initialisation, similarity values, the issue's checks."""
+"""iscam.sanity: stage lists, seeded re-initialisation, similarity values and the issue's checks."""
 
 from __future__ import annotations
 
@@ -72,7 +72,8 @@ class Restoring:
             super().reset_parameters()  # type: ignore[misc]
             return
         with torch.no_grad():
-            for tensor, kept in zip(self.parameters(recurse=False), self.kept, strict=True):  # type: ignore[attr-defined]
+            own = self.parameters(recurse=False)  # type: ignore[attr-defined]
+            for tensor, kept in zip(own, self.kept, strict=True):
                 tensor.copy_(kept)
 
 
@@ -94,7 +95,7 @@ def restoring(model: nn.Module) -> nn.Module:
     return model
 
 
-# ---------------------------------------------------------------------------------------------------- stages
+# ----------------------------------------------------------------------------------------------------- stages
 def test_stage_list_follows_the_forward_order_at_both_granularities() -> None:
     model = OrderNet()
     x = batch(8, 1)
@@ -114,7 +115,8 @@ def test_stage_list_follows_the_forward_order_at_both_granularities() -> None:
         ("independent", 3, "body.2", ("body.2",)),
         ("independent", 4, "body.0", ("body.0",)),
     ]
-    assert [s.mode for s in sanity.randomisation_stages(["a", "b"], modes=("independent",))] == ["independent"] * 2
+    independent = sanity.randomisation_stages(["a", "b"], modes=("independent",))
+    assert [s.mode for s in independent] == ["independent"] * 2
 
 
 def test_stage_list_of_torchvision_nets() -> None:
@@ -172,7 +174,7 @@ def test_bad_stage_requests_fail_with_a_clear_error() -> None:
         sanity.parameterised_layers(Token(), x)
 
 
-# ---------------------------------------------------------------------------------------------------- re-initialisation
+# ------------------------------------------------------------------------------------------ re-initialisation
 def test_reinitialisation_is_torchs_default_init_under_the_layer_seed(tiny_cnn: nn.Module) -> None:
     copy = sanity.randomised_copy(tiny_cnn, ["features.0"], seed=3)
     torch.manual_seed(sanity.layer_seed(3, "features.0"))
@@ -213,7 +215,7 @@ def test_batchnorm_reinitialisation_resets_affine_and_running_statistics() -> No
     assert float(norm.running_var[0]) == 4.0  # the original is untouched
 
 
-# ---------------------------------------------------------------------------------------------------- similarity
+# ------------------------------------------------------------------------------------------------- similarity
 def ramp(size: int = 48) -> np.ndarray:
     return np.arange(size * size, dtype=np.float64).reshape(1, size, size) / (size * size - 1)
 
@@ -287,7 +289,7 @@ def test_similarity_rejects_bad_input() -> None:
         sanity.similarity([[0.0]], maps)
 
 
-# ---------------------------------------------------------------------------------------------------- the issue's checks
+# ----------------------------------------------------------------------------------------- the issue's checks
 def test_identity_preserving_reinitialisation_gives_similarity_one_for_every_method() -> None:
     torch.manual_seed(0)
     model = restoring(TinyCNN().eval())
@@ -319,7 +321,8 @@ def test_random_baseline_is_the_similarity_of_two_independent_random_maps(tiny_c
 @pytest.fixture(scope="module")
 def coral_tiny(assets: Path) -> tuple[nn.Module, Tensor]:
     loaded = models.load("mobilenet_v1_coral_tiny", data_root=assets)
-    dataset = data.ManifestDataset(assets / "imagenet-val-sample" / "manifest.csv", loaded.preprocess, limit=3)
+    manifest = assets / "imagenet-val-sample" / "manifest.csv"
+    dataset = data.ManifestDataset(manifest, loaded.preprocess, limit=3)
     return loaded.model, torch.stack([dataset[i].image for i in range(3)])
 
 
@@ -422,7 +425,7 @@ def test_bad_requests_fail_before_any_forward(tiny_cnn: nn.Module) -> None:
     assert calls == []  # the deep copy keeps the counting hook: not even the stage list was recorded
 
 
-# ---------------------------------------------------------------------------------------------------- summaries
+# -------------------------------------------------------------------------------------------------- summaries
 def hand_rows() -> list[dict[str, object]]:
     """gradcam: 0.2, 0.4 and one undefined value at the full stage; scorecam: 0.8 and 0.9 there."""
     rows = []
@@ -456,7 +459,8 @@ def test_insensitive_methods_flag_maps_that_survive_full_randomisation() -> None
     assert flags["n_randomised"].tolist() == [2, 2]
     assert flags["mean"].tolist() == pytest.approx([0.3, 0.85])
     assert flags["flagged"].tolist() == [False, True]
-    assert sanity.insensitive_methods(hand_rows(), threshold=0.2, n_boot=10)["flagged"].tolist() == [True, True]
+    low = sanity.insensitive_methods(hand_rows(), threshold=0.2, n_boot=10)
+    assert low["flagged"].tolist() == [True, True]
     with pytest.raises(ValueError, match="unknown metric"):
         sanity.insensitive_methods(hand_rows(), metric="pearson")
     with pytest.raises(ValueError, match="threshold must be a number in"):
