@@ -8,6 +8,7 @@ Subpackages and modules:
 - :mod:`iscam.data` -- ILSVRC2012-val with bounding boxes
 - :mod:`iscam.fetch` -- the models and sample images, downloaded and verified by SHA-256
 - :mod:`iscam.experiment` -- resumable, provenance-stamped runs
+- :mod:`iscam.sanity` -- saliency sanity checks (Adebayo et al. 2018): maps under model randomisation
 """
 
 from __future__ import annotations
