@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 from iscam import models
-from iscam.paths import DataRootError
+from iscam.cache import sha256_file
 from iscam.data import IMAGENET_MEAN, Preprocess
-from iscam.layers import resolve_layer
+from iscam.layers import DEFAULT_TARGET_LAYERS, resolve_layer
+from iscam.paths import DataRootError
 
 
 @pytest.mark.parametrize("name", models.PAPER_MODELS)
@@ -101,3 +103,67 @@ def test_model_names_and_device() -> None:
     )
     loaded = models.load("mobilenet_v1_coral_tiny", device=torch.device("cpu"))
     assert next(loaded.model.parameters()).device.type == "cpu"
+
+
+# --- the registry
+
+
+def test_registry_is_the_one_source_of_model_facts() -> None:
+    assert models.PAPER_MODELS == ("vgg16", "resnet18", "squeezenet1_0")
+    assert {
+        name: (info.label, info.input_size, info.target_layer) for name, info in models.MODELS.items()
+    } == {
+        "vgg16": ("VGG-16", 224, "features.29"),
+        "resnet18": ("ResNet-18", 224, "layer4"),
+        "squeezenet1_0": ("SqueezeNet1.0", 224, "features.12"),
+        "mobilenet_v2_coral": ("Coral MobileNetV2 (int8)", 224, "features.18"),
+        "mobilenet_v1_coral_tiny": ("Coral MobileNetV1 0.25 (int8, 128 px)", 128, "features.13"),
+    }
+    assert {name: list(info.weights) for name, info in models.MODELS.items()} == {
+        "vgg16": ["default"],
+        "resnet18": ["default"],
+        "squeezenet1_0": ["default"],
+        "mobilenet_v2_coral": ["default"],
+        "mobilenet_v1_coral_tiny": ["default"],
+    }
+    derived = {name: info.target_layer for name, info in models.MODELS.items()}
+    assert DEFAULT_TARGET_LAYERS == {**derived, "mobilenet_v2": "features.18"}
+    assert models.CORAL_MODELS["mobilenet_v2_coral"].file == "mobilenet_v2_1.0_224_quant.tflite"
+
+
+def test_registered_hashes_are_those_of_the_data_root_files(assets: Path) -> None:
+    files = [f for info in models.MODELS.values() for source in info.weights.values() for f in source.files]
+    assert len(files) == 2
+    for data_file in files:
+        path = assets / "models" / data_file.file
+        if path.is_file():  # every model test loads through these hashes; this names a stale one directly
+            assert sha256_file(path) == data_file.sha256, path
+
+
+def test_weights_labels(tmp_path: Path) -> None:
+    assert models.weights_label("squeezenet1_0", "default") == "torchvision IMAGENET1K_V1"
+    assert models.weights_label("mobilenet_v2_coral", "default") == (
+        "Coral mobilenet_v2_1.0_224_quant.tflite, converted to PyTorch"
+    )
+    assert models.weights_label("vgg16", None) == "none (random initialisation)"
+    assert models.weights_label("resnet18", tmp_path / "w.pth") == str(tmp_path / "w.pth")
+    assert models.weights_label("resnet18", "my.pth") == "my.pth"
+    enum = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    assert models.weights_label("resnet18", enum) == "torchvision ResNet18_Weights.IMAGENET1K_V1"
+    with pytest.raises(ValueError, match="unknown model 'alexnet'"):
+        models.weights_label("alexnet", "default")
+    with pytest.raises(TypeError, match="weights for vgg16 must be 'default', None or a file path, got 3"):
+        models.weights_label("vgg16", 3)
+
+
+def test_unknown_weights_options_and_types() -> None:
+    with pytest.raises(
+        FileNotFoundError, match=r"weights= for resnet18 takes 'default', None or a file path"
+    ):
+        models.load("resnet18", "deepcompression")
+    with pytest.raises(
+        TypeError, match="weights for resnet18 must be 'default', None or a file path, got 1.5"
+    ):
+        models.load("resnet18", 1.5)
+    with pytest.raises(TypeError, match="mobilenet_v2_coral is not a torchvision architecture"):
+        models.load("mobilenet_v2_coral", torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1)
