@@ -12,6 +12,9 @@ name                     input  default target  weights options
 vgg16                    224    features.29     ``default``: torchvision ``IMAGENET1K_V1`` (download)
 resnet18                 224    layer4          ``default``: torchvision ``IMAGENET1K_V1`` (download)
 squeezenet1_0            224    features.12     ``default``: torchvision ``IMAGENET1K_V1`` (download)
+squeezenet1_1            224    features.12     ``default``: torchvision ``IMAGENET1K_V1`` (download);
+                                                ``ncnn``: the same weights, float16 (offline,
+                                                :mod:`iscam.ncnn`)
 mobilenet_v2_coral       224    features.18     ``default``: Coral's int8 TFLite file (offline,
                                                 :mod:`iscam.tflite`)
 mobilenet_v1_coral_tiny  128    features.13     ``default``: Coral's int8 TFLite file (offline)
@@ -37,6 +40,7 @@ from torchvision.models import get_model_weights
 
 from iscam import paths
 from iscam.data import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from iscam.ncnn import load_ncnn
 from iscam.tflite import load_tflite
 
 __all__ = [
@@ -70,8 +74,9 @@ class DataFile:
 class WeightsSource:
     """One ``weights=`` option of a model: its exact human label, how it is read, and the files it needs.
 
-    ``reader``: ``"torchvision"`` (torchvision's ``IMAGENET1K_V1``, downloaded) or ``"tflite"``
-    (:func:`iscam.tflite.load_tflite`); ``files`` are in the reader's argument order.
+    ``reader``: ``"torchvision"`` (torchvision's ``IMAGENET1K_V1``, downloaded), ``"tflite"``
+    (:func:`iscam.tflite.load_tflite`) or ``"ncnn"`` (:func:`iscam.ncnn.load_ncnn`); ``files`` are in the
+    reader's argument order.
     """
 
     label: str
@@ -104,6 +109,30 @@ MODELS: dict[str, ModelInfo] = {
         ModelInfo("vgg16", "VGG-16", 224, "features.29", True, {"default": _TORCHVISION}),
         ModelInfo("resnet18", "ResNet-18", 224, "layer4", True, {"default": _TORCHVISION}),
         ModelInfo("squeezenet1_0", "SqueezeNet1.0", 224, "features.12", True, {"default": _TORCHVISION}),
+        ModelInfo(
+            "squeezenet1_1",
+            "SqueezeNet1.1",
+            224,
+            "features.12",
+            False,
+            {
+                "default": _TORCHVISION,
+                "ncnn": WeightsSource(
+                    "SqueezeNet 1.1, torchvision IMAGENET1K_V1 weights as a float16 ncnn copy (offline)",
+                    "ncnn",
+                    (
+                        DataFile(
+                            "squeezenet_v1.1.ncnn.param",
+                            "7dfb3045edf49f199ccc03dfc262956c6b9f38089b14d32a273aa8463c49c46b",
+                        ),
+                        DataFile(
+                            "squeezenet_v1.1.ncnn.bin",
+                            "3de9f2f9dbbbc4468fe452d9033300633b60748073a9509a7ea882caec57e544",
+                        ),
+                    ),
+                ),
+            },
+        ),
         ModelInfo(
             "mobilenet_v2_coral",
             "Coral MobileNetV2 (int8)",
@@ -238,6 +267,8 @@ def _read_offline(source: WeightsSource, files: list[Path]) -> nn.Module:
     hashes = [data_file.sha256 for data_file in source.files]
     if source.reader == "tflite":
         return load_tflite(files[0], expected_sha256=hashes[0])
+    if source.reader == "ncnn":
+        return load_ncnn(files[0], files[1], expected_sha256=(hashes[0], hashes[1]))
     raise ValueError(f"unknown weights reader {source.reader!r}")
 
 
@@ -292,7 +323,8 @@ def load(
     """Load a model by name (see :data:`MODELS`) with its preprocessing and default target layer.
 
     ``weights``: an option of the model (``"default"``: torchvision's ``IMAGENET1K_V1`` or the verified
-    Coral file under the data root), ``None`` (random initialisation; the Coral architectures
+    Coral file; ``"ncnn"`` for ``squeezenet1_1``: offline files under the data root, checked by SHA-256),
+    ``None`` (random initialisation; the Coral architectures
     are still read from their file), a torchvision weights enum, or a path: a ``.pth`` state_dict, or for the
     Coral models also a ``.tflite`` file of your own (converted without the SHA-256 check). ``resize``:
     ``"crop"`` (Resize + CenterCrop, the authors' code) or ``"stretch"`` (plain resize, the paper's text).

@@ -1,4 +1,5 @@
-"""Shared fixtures: the data root (../shared/assets beside the repository) and tiny seeded models."""
+"""Shared fixtures: the data root (../shared/assets beside the repository), tiny seeded models and the
+offline pretrained SqueezeNets."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+
+from iscam import models
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ASSETS = REPO.parent / "shared" / "assets"
@@ -89,3 +92,20 @@ def glue_values(notebook: Path) -> dict[str, str]:
             if "name" in record and mime in output.get("data", {}):
                 values[record["name"]] = "".join(output["data"][mime])
     return values
+
+
+# ---------------------------------------------------------------------------- offline pretrained models
+def data_files(assets: Path, model: str, weights: str) -> list[Path]:
+    """The data-root files of ``models.load(model, weights)``; skips the test, naming the missing files."""
+    wanted = [assets / "models" / f.file for f in models.MODELS[model].weights[weights].files]
+    missing = [str(path) for path in wanted if not path.is_file()]
+    if missing:
+        pytest.skip(f"the data root lacks {', '.join(missing)} (data_scripts/fetch_assets.py fetches them)")
+    return wanted
+
+
+@pytest.fixture(scope="session")
+def squeezenet1_1_ncnn(assets: Path) -> models.LoadedModel:
+    """SqueezeNet 1.1 with torchvision's weights from the ncnn copy (shared: copy it before changing it)."""
+    data_files(assets, "squeezenet1_1", "ncnn")
+    return models.load("squeezenet1_1", "ncnn")

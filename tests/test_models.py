@@ -11,7 +11,7 @@ from torch import nn
 
 from iscam import models
 from iscam.cache import sha256_file
-from iscam.data import IMAGENET_MEAN, Preprocess
+from iscam.data import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from iscam.layers import DEFAULT_TARGET_LAYERS, resolve_layer
 from iscam.paths import DataRootError
 
@@ -98,6 +98,7 @@ def test_model_names_and_device() -> None:
         "vgg16",
         "resnet18",
         "squeezenet1_0",
+        "squeezenet1_1",
         "mobilenet_v2_coral",
         "mobilenet_v1_coral_tiny",
     )
@@ -116,6 +117,7 @@ def test_registry_is_the_one_source_of_model_facts() -> None:
         "vgg16": ("VGG-16", 224, "features.29"),
         "resnet18": ("ResNet-18", 224, "layer4"),
         "squeezenet1_0": ("SqueezeNet1.0", 224, "features.12"),
+        "squeezenet1_1": ("SqueezeNet1.1", 224, "features.12"),
         "mobilenet_v2_coral": ("Coral MobileNetV2 (int8)", 224, "features.18"),
         "mobilenet_v1_coral_tiny": ("Coral MobileNetV1 0.25 (int8, 128 px)", 128, "features.13"),
     }
@@ -123,6 +125,7 @@ def test_registry_is_the_one_source_of_model_facts() -> None:
         "vgg16": ["default"],
         "resnet18": ["default"],
         "squeezenet1_0": ["default"],
+        "squeezenet1_1": ["default", "ncnn"],
         "mobilenet_v2_coral": ["default"],
         "mobilenet_v1_coral_tiny": ["default"],
     }
@@ -133,7 +136,7 @@ def test_registry_is_the_one_source_of_model_facts() -> None:
 
 def test_registered_hashes_are_those_of_the_data_root_files(assets: Path) -> None:
     files = [f for info in models.MODELS.values() for source in info.weights.values() for f in source.files]
-    assert len(files) == 2
+    assert len(files) == 4
     for data_file in files:
         path = assets / "models" / data_file.file
         if path.is_file():  # every model test loads through these hashes; this names a stale one directly
@@ -142,6 +145,9 @@ def test_registered_hashes_are_those_of_the_data_root_files(assets: Path) -> Non
 
 def test_weights_labels(tmp_path: Path) -> None:
     assert models.weights_label("squeezenet1_0", "default") == "torchvision IMAGENET1K_V1"
+    assert models.weights_label("squeezenet1_1", "ncnn").startswith(
+        "SqueezeNet 1.1, torchvision IMAGENET1K_V1"
+    )
     assert models.weights_label("mobilenet_v2_coral", "default") == (
         "Coral mobilenet_v2_1.0_224_quant.tflite, converted to PyTorch"
     )
@@ -156,11 +162,30 @@ def test_weights_labels(tmp_path: Path) -> None:
         models.weights_label("vgg16", 3)
 
 
+def test_squeezenet1_1_with_random_weights() -> None:
+    torch.manual_seed(0)
+    loaded = models.load("squeezenet1_1", weights=None)
+    assert loaded.target_layer == "features.12" and loaded.preprocess.mean == IMAGENET_MEAN
+    assert sum(p.numel() for p in loaded.model.parameters()) == 1_235_496
+    assert loaded.model.default_target_layer == "features.12"
+
+
+def test_offline_squeezenet1_1_loads_by_option(squeezenet1_1_ncnn: models.LoadedModel) -> None:
+    reference = torchvision.models.squeezenet1_1(weights=None).state_dict()
+    state = squeezenet1_1_ncnn.model.state_dict()
+    assert list(state) == list(reference)  # torchvision's names, key for key
+    assert all(state[k].shape == reference[k].shape for k in state)
+    assert not squeezenet1_1_ncnn.model.training and squeezenet1_1_ncnn.target_layer == "features.12"
+    assert squeezenet1_1_ncnn.preprocess.size == 224
+    assert (squeezenet1_1_ncnn.preprocess.mean, squeezenet1_1_ncnn.preprocess.std) == (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+    )
+
+
 def test_unknown_weights_options_and_types() -> None:
-    with pytest.raises(
-        FileNotFoundError, match=r"weights= for resnet18 takes 'default', None or a file path"
-    ):
-        models.load("resnet18", "deepcompression")
+    with pytest.raises(FileNotFoundError, match=r"weights= for squeezenet1_1 takes 'default', 'ncnn', None"):
+        models.load("squeezenet1_1", "deepcompression")
     with pytest.raises(
         TypeError, match="weights for resnet18 must be 'default', None or a file path, got 1.5"
     ):
