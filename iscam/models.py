@@ -11,7 +11,9 @@ name                     input  default target  weights options
 =======================  =====  ==============  ==========================================================
 vgg16                    224    features.29     ``default``: torchvision ``IMAGENET1K_V1`` (download)
 resnet18                 224    layer4          ``default``: torchvision ``IMAGENET1K_V1`` (download)
-squeezenet1_0            224    features.12     ``default``: torchvision ``IMAGENET1K_V1`` (download)
+squeezenet1_0            224    features.12     ``default``: torchvision ``IMAGENET1K_V1`` (download);
+                                                ``deepcompression``: DeepScale's Caffe weights, pruned and
+                                                codebook-quantised (offline, :mod:`iscam.deepcompression`)
 squeezenet1_1            224    features.12     ``default``: torchvision ``IMAGENET1K_V1`` (download);
                                                 ``ncnn``: the same weights, float16 (offline,
                                                 :mod:`iscam.ncnn`)
@@ -23,7 +25,10 @@ mobilenet_v1_coral_tiny  128    features.13     ``default``: Coral's int8 TFLite
 torchvision weights are downloaded to the torch hub cache on first use (the paper-era ``IMAGENET1K_V1``, also
 torchvision's ``DEFAULT`` for these). Offline weights are files under ``<data root>/models/``, verified by
 SHA-256 and converted once (cached). All models take torchvision's ImageNet normalisation except the Coral
-ones, which take the TFLite input normalisation ``x = q / 128 - 1`` (mean = std = 128/255).
+ones, which take the TFLite input normalisation ``x = q / 128 - 1`` (mean = std = 128/255). The Deep
+Compression SqueezeNet was trained by Caffe at 227x227; it is used at the registry's 224 like the paper's
+other CNNs (72.3 % top-1 on the 300 sample images at 224, 74.3 % at 227), and keeps Caffe's padded final
+convolution (see :mod:`iscam.deepcompression`).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from torchvision.models import get_model_weights
 
 from iscam import paths
 from iscam.data import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from iscam.deepcompression import load_deepcompression
 from iscam.ncnn import load_ncnn
 from iscam.tflite import load_tflite
 
@@ -75,8 +81,8 @@ class WeightsSource:
     """One ``weights=`` option of a model: its exact human label, how it is read, and the files it needs.
 
     ``reader``: ``"torchvision"`` (torchvision's ``IMAGENET1K_V1``, downloaded), ``"tflite"``
-    (:func:`iscam.tflite.load_tflite`) or ``"ncnn"`` (:func:`iscam.ncnn.load_ncnn`); ``files`` are in the
-    reader's argument order.
+    (:func:`iscam.tflite.load_tflite`), ``"ncnn"`` (:func:`iscam.ncnn.load_ncnn`) or ``"deepcompression"``
+    (:func:`iscam.deepcompression.load_deepcompression`); ``files`` are in the reader's argument order.
     """
 
     label: str
@@ -108,7 +114,31 @@ MODELS: dict[str, ModelInfo] = {
     for info in (
         ModelInfo("vgg16", "VGG-16", 224, "features.29", True, {"default": _TORCHVISION}),
         ModelInfo("resnet18", "ResNet-18", 224, "layer4", True, {"default": _TORCHVISION}),
-        ModelInfo("squeezenet1_0", "SqueezeNet1.0", 224, "features.12", True, {"default": _TORCHVISION}),
+        ModelInfo(
+            "squeezenet1_0",
+            "SqueezeNet1.0",
+            224,
+            "features.12",
+            True,
+            {
+                "default": _TORCHVISION,
+                "deepcompression": WeightsSource(
+                    "SqueezeNet 1.0, Deep Compression Caffe weights (pruned + 8-bit codebook), "
+                    "not torchvision's",
+                    "deepcompression",
+                    (
+                        DataFile(
+                            "compressed_SqueezeNet_v1.0.net",
+                            "e4ab6960ae8cd81505e1c2136921201507e930966c53deaf15862a395b3a3261",
+                        ),
+                        DataFile(
+                            "SqueezeNet_v1.0_deploy.prototxt",
+                            "3bcb0e792e2b50ddeb955b178ba6742e28d8950956915348eba355652040674c",
+                        ),
+                    ),
+                ),
+            },
+        ),
         ModelInfo(
             "squeezenet1_1",
             "SqueezeNet1.1",
@@ -269,6 +299,8 @@ def _read_offline(source: WeightsSource, files: list[Path]) -> nn.Module:
         return load_tflite(files[0], expected_sha256=hashes[0])
     if source.reader == "ncnn":
         return load_ncnn(files[0], files[1], expected_sha256=(hashes[0], hashes[1]))
+    if source.reader == "deepcompression":
+        return load_deepcompression(files[0], files[1], expected_sha256=(hashes[0], hashes[1]))
     raise ValueError(f"unknown weights reader {source.reader!r}")
 
 
@@ -323,8 +355,8 @@ def load(
     """Load a model by name (see :data:`MODELS`) with its preprocessing and default target layer.
 
     ``weights``: an option of the model (``"default"``: torchvision's ``IMAGENET1K_V1`` or the verified
-    Coral file; ``"ncnn"`` for ``squeezenet1_1``: offline files under the data root, checked by SHA-256),
-    ``None`` (random initialisation; the Coral architectures
+    Coral file; ``"deepcompression"`` for ``squeezenet1_0``, ``"ncnn"`` for ``squeezenet1_1``: offline
+    files under the data root, checked by SHA-256), ``None`` (random initialisation; the Coral architectures
     are still read from their file), a torchvision weights enum, or a path: a ``.pth`` state_dict, or for the
     Coral models also a ``.tflite`` file of your own (converted without the SHA-256 check). ``resize``:
     ``"crop"`` (Resize + CenterCrop, the authors' code) or ``"stretch"`` (plain resize, the paper's text).

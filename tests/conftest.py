@@ -105,6 +105,13 @@ def data_files(assets: Path, model: str, weights: str) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
+def squeezenet1_0_deepcompression(assets: Path) -> models.LoadedModel:
+    """SqueezeNet 1.0 with the Deep Compression weights (shared: copy it before changing it)."""
+    data_files(assets, "squeezenet1_0", "deepcompression")
+    return models.load("squeezenet1_0", "deepcompression")
+
+
+@pytest.fixture(scope="session")
 def squeezenet1_1_ncnn(assets: Path) -> models.LoadedModel:
     """SqueezeNet 1.1 with torchvision's weights from the ncnn copy (shared: copy it before changing it)."""
     data_files(assets, "squeezenet1_1", "ncnn")

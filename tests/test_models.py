@@ -124,7 +124,7 @@ def test_registry_is_the_one_source_of_model_facts() -> None:
     assert {name: list(info.weights) for name, info in models.MODELS.items()} == {
         "vgg16": ["default"],
         "resnet18": ["default"],
-        "squeezenet1_0": ["default"],
+        "squeezenet1_0": ["default", "deepcompression"],
         "squeezenet1_1": ["default", "ncnn"],
         "mobilenet_v2_coral": ["default"],
         "mobilenet_v1_coral_tiny": ["default"],
@@ -136,7 +136,7 @@ def test_registry_is_the_one_source_of_model_facts() -> None:
 
 def test_registered_hashes_are_those_of_the_data_root_files(assets: Path) -> None:
     files = [f for info in models.MODELS.values() for source in info.weights.values() for f in source.files]
-    assert len(files) == 4
+    assert len(files) == 6
     for data_file in files:
         path = assets / "models" / data_file.file
         if path.is_file():  # every model test loads through these hashes; this names a stale one directly
@@ -144,6 +144,9 @@ def test_registered_hashes_are_those_of_the_data_root_files(assets: Path) -> Non
 
 
 def test_weights_labels(tmp_path: Path) -> None:
+    assert models.weights_label("squeezenet1_0", "deepcompression") == (
+        "SqueezeNet 1.0, Deep Compression Caffe weights (pruned + 8-bit codebook), not torchvision's"
+    )
     assert models.weights_label("squeezenet1_0", "default") == "torchvision IMAGENET1K_V1"
     assert models.weights_label("squeezenet1_1", "ncnn").startswith(
         "SqueezeNet 1.1, torchvision IMAGENET1K_V1"
@@ -170,17 +173,19 @@ def test_squeezenet1_1_with_random_weights() -> None:
     assert loaded.model.default_target_layer == "features.12"
 
 
-def test_offline_squeezenet1_1_loads_by_option(squeezenet1_1_ncnn: models.LoadedModel) -> None:
-    reference = torchvision.models.squeezenet1_1(weights=None).state_dict()
-    state = squeezenet1_1_ncnn.model.state_dict()
-    assert list(state) == list(reference)  # torchvision's names, key for key
-    assert all(state[k].shape == reference[k].shape for k in state)
-    assert not squeezenet1_1_ncnn.model.training and squeezenet1_1_ncnn.target_layer == "features.12"
-    assert squeezenet1_1_ncnn.preprocess.size == 224
-    assert (squeezenet1_1_ncnn.preprocess.mean, squeezenet1_1_ncnn.preprocess.std) == (
-        IMAGENET_MEAN,
-        IMAGENET_STD,
-    )
+def test_offline_squeezenets_load_by_option(
+    squeezenet1_0_deepcompression: models.LoadedModel, squeezenet1_1_ncnn: models.LoadedModel
+) -> None:
+    for loaded, cls in ((squeezenet1_0_deepcompression, "1_0"), (squeezenet1_1_ncnn, "1_1")):
+        reference = torchvision.models.get_model(f"squeezenet{cls}", weights=None).state_dict()
+        state = loaded.model.state_dict()
+        assert list(state) == list(reference)  # torchvision's names, key for key
+        assert all(state[k].shape == reference[k].shape for k in state)
+        assert not loaded.model.training and loaded.target_layer == "features.12"
+        assert loaded.preprocess.size == 224
+        assert (loaded.preprocess.mean, loaded.preprocess.std) == (IMAGENET_MEAN, IMAGENET_STD)
+    assert squeezenet1_0_deepcompression.model.classifier[1].padding == (1, 1)  # Caffe's conv_final
+    assert squeezenet1_1_ncnn.model.classifier[1].padding == (0, 0)
 
 
 def test_unknown_weights_options_and_types() -> None:
