@@ -4,7 +4,7 @@ Subpackages and modules:
 
 - :mod:`iscam.methods` -- Grad-CAM, Grad-CAM++, Smooth Grad-CAM++, Score-CAM, SS-CAM, IS-CAM (+ a random baseline)
 - :mod:`iscam.metrics` -- insertion/deletion AUC, Average Drop, Increase in Confidence, Win %, energy pointing game
-- :mod:`iscam.models` -- the paper's CNNs and the offline Coral MobileNets
+- :mod:`iscam.models` -- the model registry: the paper's CNNs, the offline SqueezeNets and Coral MobileNets
 - :mod:`iscam.data` -- ILSVRC2012-val with bounding boxes
 - :mod:`iscam.fetch` -- the models and sample images, downloaded and verified by SHA-256
 - :mod:`iscam.experiment` -- resumable, provenance-stamped runs

@@ -1,19 +1,18 @@
-"""Target layers: the paper's defaults and name resolution with helpful errors."""
+"""Target layers: the defaults (read from the model registry) and name resolution with helpful errors."""
 
 from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["DEFAULT_TARGET_LAYERS", "LayerNotFoundError", "resolve_layer", "layer_name"]
+from iscam.models import MODELS
 
-#: The layer each architecture is explained at (its last convolutional block), as in the authors' code.
-DEFAULT_TARGET_LAYERS: dict[str, str] = {
-    "vgg16": "features.29",
-    "resnet18": "layer4",
-    "squeezenet1_0": "features.12",
-    "mobilenet_v2": "features.18",
-    "mobilenet_v2_coral": "features.18",
-    "mobilenet_v1_coral_tiny": "features.13",  # last depthwise-separable block (256 channels)
+__all__ = ["DEFAULT_TARGET_LAYERS", "LayerNotFoundError", "layer_name", "resolve_layer"]
+
+#: The layer each architecture is explained at (its last convolutional block), as in the authors' code:
+#: every registered model's :attr:`iscam.models.ModelInfo.target_layer`, plus torchvision's MobileNetV2
+#: (not registered, but recognised by :func:`iscam.methods.default_target_layer` on a user's own model).
+DEFAULT_TARGET_LAYERS: dict[str, str] = {name: info.target_layer for name, info in MODELS.items()} | {
+    "mobilenet_v2": "features.18"
 }
 
 

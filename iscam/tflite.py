@@ -26,15 +26,12 @@ MobileNetV1 ``features.1`` ... ``features.13`` are the depthwise-separable block
 
 The float model is not bit-exact with the int8 interpreter (activations are not re-quantised), so top-1
 agreement is high but not 100 %: see ``tests/test_tflite.py``. Conversions are cached under
-:func:`iscam.paths.cache_dir` keyed by the file's SHA-256.
+:func:`iscam.paths.cache_dir` keyed by the file's SHA-256 (:mod:`iscam.cache`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iscam.paths import cache_dir
+from iscam.cache import cached_conversion, sha256_file, verified_sha256
 
 __all__ = [
     "CONVERTER_VERSION",
@@ -58,8 +55,6 @@ __all__ = [
     "load_tflite",
     "sha256_file",
 ]
-
-log = logging.getLogger("iscam.tflite")
 
 #: Bump when the conversion changes, so stale cache entries are rebuilt.
 CONVERTER_VERSION = 1
@@ -516,53 +511,24 @@ def convert_tflite(
 # Loading with a cache
 
 
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_tflite(
     path: str | os.PathLike[str], *, expected_sha256: str | None = None, cache: bool = True
 ) -> TFLiteNet:
     """Convert (or fetch from the cache) the model in ``path``; returns it in eval mode on the CPU.
 
     ``expected_sha256``: refuse a file whose hash differs (a corrupt or different download). The cache entry
-    is ``<cache_dir>/tflite/<sha256>-v<CONVERTER_VERSION>.pt``; a damaged entry is rebuilt.
+    is ``<cache_dir>/tflite/<sha256>-v<CONVERTER_VERSION>.pt`` (:func:`iscam.cache.cached_conversion`).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"TFLite model not found: {path}")
-    digest = sha256_file(path)
-    if expected_sha256 is not None and digest != expected_sha256:
-        raise TFLiteConversionError(
-            f"{path} has SHA-256 {digest}, expected {expected_sha256}: the file is corrupt or a different "
-            "model (re-fetch it with data_scripts/fetch_assets.py, or pass your own file explicitly)"
-        )
-    entry = cache_dir() / "tflite" / f"{digest}-v{CONVERTER_VERSION}.pt"
-    payload = None
-    if cache and entry.is_file():
-        try:
-            payload = torch.load(entry, map_location="cpu", weights_only=True)
-            model = build_from_spec(payload["spec"])
-            model.load_state_dict(payload["state_dict"])
-            return model.eval()
-        except Exception as exc:  # noqa: BLE001 -- any damaged or stale entry: convert again
-            log.warning("ignoring unreadable cache entry %s (%r); converting again", entry, exc)
-    spec, state = convert_tflite(path.read_bytes(), source=str(path))
-    if cache:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=entry.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save({"spec": spec, "state_dict": state, "sha256": digest}, tmp)
-            os.replace(tmp, entry)  # atomic: concurrent runs never see half a file
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    model = build_from_spec(spec)
-    model.load_state_dict(state)
-    return model.eval()
+    digest = verified_sha256(path, "TFLite model", expected_sha256, TFLiteConversionError)
+
+    def convert() -> dict[str, Any]:
+        spec, state = convert_tflite(path.read_bytes(), source=str(path))
+        return {"spec": spec, "state_dict": state, "sha256": digest}
+
+    def restore(payload: dict[str, Any]) -> TFLiteNet:
+        model = build_from_spec(payload["spec"])
+        model.load_state_dict(payload["state_dict"])
+        return model.eval()
+
+    return cached_conversion("tflite", digest, CONVERTER_VERSION, convert, restore, use_cache=cache)

@@ -1,15 +1,19 @@
-"""Shared fixtures: the data root (../shared/assets beside the repository) and tiny seeded models."""
+"""Shared fixtures and helpers: the data root, tiny seeded models, the offline SqueezeNets, and the
+reference loops the methods are checked against."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from iscam import models
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ASSETS = REPO.parent / "shared" / "assets"
@@ -89,3 +93,108 @@ def glue_values(notebook: Path) -> dict[str, str]:
             if "name" in record and mime in output.get("data", {}):
                 values[record["name"]] = "".join(output["data"][mime])
     return values
+
+
+# ---------------------------------------------------------------------------- offline pretrained models
+def data_files(assets: Path, model: str, weights: str) -> list[Path]:
+    """The data-root files of ``models.load(model, weights)``; skips the test, naming the missing files."""
+    wanted = [assets / "models" / f.file for f in models.MODELS[model].weights[weights].files]
+    missing = [str(path) for path in wanted if not path.is_file()]
+    if missing:
+        pytest.skip(f"the data root lacks {', '.join(missing)} (data_scripts/fetch_assets.py fetches them)")
+    return wanted
+
+
+@pytest.fixture(scope="session")
+def squeezenet1_0_deepcompression(assets: Path) -> models.LoadedModel:
+    """SqueezeNet 1.0 with the Deep Compression weights (shared: copy it before changing it)."""
+    data_files(assets, "squeezenet1_0", "deepcompression")
+    return models.load("squeezenet1_0", "deepcompression")
+
+
+@pytest.fixture(scope="session")
+def squeezenet1_1_ncnn(assets: Path) -> models.LoadedModel:
+    """SqueezeNet 1.1 with torchvision's weights from the ncnn copy (shared: copy it before changing it)."""
+    data_files(assets, "squeezenet1_1", "ncnn")
+    return models.load("squeezenet1_1", "ncnn")
+
+
+# ---------------------------------------------------------------------------- references for the methods
+Perturb = Callable[[Tensor, Tensor, int], Iterable[Tensor]]
+
+
+def score_reference(
+    model: nn.Module, layer: nn.Module, x: Tensor, perturb: Perturb, target: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Weights [B, K] and maps [B, H, W] of the Score family, one image, one channel, one input at a time.
+
+    ``perturb(image, mask, k)`` yields the perturbed inputs of channel k; the weight is the mean softmax
+    probability of the target over them; constant upsampled maps are skipped; map = minmax(ReLU(sum w U)).
+    """
+    captured: list[Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
+    with torch.no_grad():
+        logits = model(x)
+    handle.remove()
+    activation = captured[0]
+    target = logits.argmax(1) if target is None else target
+    batch, channels = activation.shape[:2]
+    size = x.shape[-2:]
+    weights = torch.zeros(batch, channels, dtype=torch.float64)
+    maps = []
+    for b in range(batch):
+        upsampled = []
+        for k in range(channels):
+            u = F.interpolate(
+                activation[b : b + 1, k : k + 1], size=size, mode="bilinear", align_corners=False
+            )
+            u = u[0, 0]
+            upsampled.append(u)
+            if u.max() == u.min():
+                continue
+            mask = (u - u.min()) / (u.max() - u.min())
+            with torch.no_grad():  # this channel's perturbed inputs in one small batch
+                probs = torch.softmax(model(torch.stack(list(perturb(x[b], mask, k)))), dim=1)[:, target[b]]
+            weights[b, k] = probs.sum() / probs.numel()
+        saliency = torch.relu(sum(weights[b, k] * upsampled[k] for k in range(channels)))
+        if saliency.max() > saliency.min():
+            saliency = (saliency - saliency.min()) / (saliency.max() - saliency.min())
+        else:
+            saliency = torch.zeros_like(saliency)
+        maps.append(saliency)
+    return weights, torch.stack(maps)
+
+
+def scorecam_inputs(image: Tensor, mask: Tensor, k: int) -> list[Tensor]:
+    return [image * mask]
+
+
+def iscam_inputs(schedule: str, n: int) -> Perturb:
+    def perturb(image: Tensor, mask: Tensor, k: int) -> list[Tensor]:
+        if schedule == "authors":  # the authors' cumulative mask, literally
+            running, out = torch.zeros_like(image), []
+            for i in range(1, n + 1):
+                running = running + image * mask * i / n
+                out.append(running)
+            return out
+        if schedule == "paper":  # eq. 6-7: M_0 = 0, score M_i, then M_{i+1} = M_i + X*A*i/N
+            running, out = torch.zeros_like(image), []
+            for i in range(1, n + 1):
+                out.append(running)
+                running = running + image * mask * i / n
+            return out
+        return [image * mask * i / n for i in range(1, n + 1)]
+
+    return perturb
+
+
+def torchcam_gradcam(model: nn.Module, layer: str, x: Tensor) -> Tensor:
+    """TorchCAM's Grad-CAM of the top-1 class, upsampled bilinearly to the input and min-max normalised."""
+    from torchcam.methods import GradCAM as TorchGradCAM
+
+    with TorchGradCAM(model, layer, input_shape=tuple(x.shape[1:])) as extractor:
+        logits = model(x)
+        theirs = extractor(logits.argmax(1).tolist(), logits)[0].detach()  # [B, h, w], min-max normalised
+    theirs = F.interpolate(theirs[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    low, high = theirs.amin(dim=(1, 2), keepdim=True), theirs.amax(dim=(1, 2), keepdim=True)
+    return (theirs - low) / (high - low)

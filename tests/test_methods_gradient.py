@@ -8,6 +8,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from conftest import torchcam_gradcam
+
 from iscam import methods
 from iscam.methods.gradient import gradcampp_alpha
 
@@ -56,15 +58,8 @@ def to_map(weights: Tensor, activation: Tensor, size: int) -> Tensor:
 
 
 def test_gradcam_agrees_with_torchcam(resnet: nn.Module) -> None:
-    from torchcam.methods import GradCAM as TorchGradCAM
-
     x = images()
-    with TorchGradCAM(resnet, "layer3", input_shape=(3, 64, 64)) as extractor:
-        logits = resnet(x)
-        theirs = extractor(logits.argmax(1).tolist(), logits)[0].detach()  # [B, 4, 4], min-max normalised
-    theirs = F.interpolate(theirs[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
-    low, high = theirs.amin(dim=(1, 2), keepdim=True), theirs.amax(dim=(1, 2), keepdim=True)
-    theirs = (theirs - low) / (high - low)
+    theirs = torchcam_gradcam(resnet, "layer3", x)
     with methods.GradCAM(resnet, "layer3") as cam:
         ours = cam(x)
     assert (ours - theirs).abs().max() <= 1e-4

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -11,78 +11,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from conftest import DeadCNN
+from conftest import DeadCNN, Perturb, iscam_inputs, score_reference, scorecam_inputs
 
 from iscam import methods
 from iscam.methods.score import iscam_coefficients, sscam_noise_seed
-
-Perturb = Callable[[Tensor, Tensor, int], Iterable[Tensor]]
-
-
-# ---------------------------------------------------------------------------- the reference: a plain loop
-def reference(
-    model: nn.Module, layer: nn.Module, x: Tensor, perturb: Perturb, target: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """Weights [B, K] and maps [B, H, W] of the Score family, one image, one channel, one input at a time.
-
-    ``perturb(image, mask, k)`` yields the perturbed inputs of channel k; the weight is the mean softmax
-    probability of the target over them; constant upsampled maps are skipped; map = minmax(ReLU(sum w U)).
-    """
-    captured: list[Tensor] = []
-    handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
-    with torch.no_grad():
-        logits = model(x)
-    handle.remove()
-    activation = captured[0]
-    target = logits.argmax(1) if target is None else target
-    batch, channels = activation.shape[:2]
-    size = x.shape[-2:]
-    weights = torch.zeros(batch, channels, dtype=torch.float64)
-    maps = []
-    for b in range(batch):
-        upsampled = []
-        for k in range(channels):
-            u = F.interpolate(
-                activation[b : b + 1, k : k + 1], size=size, mode="bilinear", align_corners=False
-            )
-            u = u[0, 0]
-            upsampled.append(u)
-            if u.max() == u.min():
-                continue
-            mask = (u - u.min()) / (u.max() - u.min())
-            with torch.no_grad():  # this channel's perturbed inputs in one small batch
-                probs = torch.softmax(model(torch.stack(list(perturb(x[b], mask, k)))), dim=1)[:, target[b]]
-            weights[b, k] = probs.sum() / probs.numel()
-        saliency = torch.relu(sum(weights[b, k] * upsampled[k] for k in range(channels)))
-        if saliency.max() > saliency.min():
-            saliency = (saliency - saliency.min()) / (saliency.max() - saliency.min())
-        else:
-            saliency = torch.zeros_like(saliency)
-        maps.append(saliency)
-    return weights, torch.stack(maps)
-
-
-def scorecam_inputs(image: Tensor, mask: Tensor, k: int) -> list[Tensor]:
-    return [image * mask]
-
-
-def iscam_inputs(schedule: str, n: int) -> Perturb:
-    def perturb(image: Tensor, mask: Tensor, k: int) -> list[Tensor]:
-        if schedule == "authors":  # the authors' cumulative mask, literally
-            running, out = torch.zeros_like(image), []
-            for i in range(1, n + 1):
-                running = running + image * mask * i / n
-                out.append(running)
-            return out
-        if schedule == "paper":  # eq. 6-7: M_0 = 0, score M_i, then M_{i+1} = M_i + X*A*i/N
-            running, out = torch.zeros_like(image), []
-            for i in range(1, n + 1):
-                out.append(running)
-                running = running + image * mask * i / n
-            return out
-        return [image * mask * i / n for i in range(1, n + 1)]
-
-    return perturb
 
 
 def sscam_inputs(n: int, sigma: float, seed: int, noise: str, masks_seen: dict[int, Tensor]) -> Perturb:
@@ -137,7 +69,7 @@ def test_iscam_matches_reference_loop_on_tiny_cnn(tiny64: nn.Module, schedule: s
     with methods.ISCAM(tiny64, "features.4", N=10, schedule=schedule) as cam:
         weights = cam.channel_weights(x)
         maps = cam(x)
-    ref_weights, ref_maps = reference(tiny64, tiny64.features[4], x, iscam_inputs(schedule, 10))
+    ref_weights, ref_maps = score_reference(tiny64, tiny64.features[4], x, iscam_inputs(schedule, 10))
     assert weights.dtype == torch.float64
     torch.testing.assert_close(weights, ref_weights, rtol=0, atol=1e-6)
     torch.testing.assert_close(maps, ref_maps.float(), rtol=0, atol=1e-5)
@@ -147,7 +79,7 @@ def test_scorecam_matches_reference_loop_on_tiny_cnn(tiny64: nn.Module) -> None:
     x = tiny_input()
     with methods.ScoreCAM(tiny64, "features.4") as cam:
         weights, maps = cam.channel_weights(x), cam(x)
-    ref_weights, ref_maps = reference(tiny64, tiny64.features[4], x, scorecam_inputs)
+    ref_weights, ref_maps = score_reference(tiny64, tiny64.features[4], x, scorecam_inputs)
     torch.testing.assert_close(weights, ref_weights, rtol=0, atol=1e-6)
     torch.testing.assert_close(maps, ref_maps.float(), rtol=0, atol=1e-5)
 
@@ -160,7 +92,7 @@ def test_sscam_matches_reference_loop_on_tiny_cnn(tiny64: nn.Module, noise: str)
     ref_weights = torch.zeros_like(weights)
     ref_maps = torch.zeros_like(maps)
     for b in range(x.shape[0]):  # masks_seen is per image
-        w, m = reference(tiny64, tiny64.features[4], x[b : b + 1], sscam_inputs(5, 2.0, 3, noise, {}))
+        w, m = score_reference(tiny64, tiny64.features[4], x[b : b + 1], sscam_inputs(5, 2.0, 3, noise, {}))
         ref_weights[b], ref_maps[b] = w[0], m[0].float()
     torch.testing.assert_close(weights, ref_weights, rtol=0, atol=1e-6)
     torch.testing.assert_close(maps, ref_maps, rtol=0, atol=1e-5)
@@ -171,14 +103,14 @@ def test_scorecam_and_iscam_match_reference_loop_on_resnet18(resnet64: nn.Module
     layer = resnet64.get_submodule(RESNET_LAYER)
     with methods.ScoreCAM(resnet64, RESNET_LAYER) as cam:
         weights, maps = cam.channel_weights(x), cam(x)
-    ref_weights, ref_maps = reference(resnet64, layer, x, scorecam_inputs)
+    ref_weights, ref_maps = score_reference(resnet64, layer, x, scorecam_inputs)
     assert (ref_weights > 0).sum() > 10  # the check is not vacuous
     torch.testing.assert_close(weights, ref_weights, rtol=0, atol=1e-6)
     torch.testing.assert_close(maps, ref_maps.float(), rtol=0, atol=1e-5)
     for schedule in ("authors", "paper", "linear"):
         with methods.ISCAM(resnet64, RESNET_LAYER, N=2, schedule=schedule) as cam:
             weights, maps = cam.channel_weights(x), cam(x)
-        ref_weights, ref_maps = reference(resnet64, layer, x, iscam_inputs(schedule, 2))
+        ref_weights, ref_maps = score_reference(resnet64, layer, x, iscam_inputs(schedule, 2))
         torch.testing.assert_close(weights, ref_weights, rtol=0, atol=1e-6)
         torch.testing.assert_close(maps, ref_maps.float(), rtol=0, atol=1e-5)
 
@@ -188,7 +120,7 @@ def test_sscam_matches_reference_loop_on_resnet18(resnet64: nn.Module) -> None:
     with methods.SSCAM(resnet64, RESNET_LAYER, N=2, sigma=0.5, seed=11) as cam:
         weights, maps = cam.channel_weights(x), cam(x)
     layer = resnet64.get_submodule(RESNET_LAYER)
-    ref_weights, ref_maps = reference(resnet64, layer, x, sscam_inputs(2, 0.5, 11, "sigma", {}))
+    ref_weights, ref_maps = score_reference(resnet64, layer, x, sscam_inputs(2, 0.5, 11, "sigma", {}))
     torch.testing.assert_close(weights, ref_weights, rtol=0, atol=1e-6)
     torch.testing.assert_close(maps, ref_maps.float(), rtol=0, atol=1e-5)
 

@@ -139,7 +139,7 @@ def test_conversion_is_cached_by_sha256(
     with torch.no_grad():
         torch.testing.assert_close(first(x), second(x), rtol=0, atol=0)
     entries[0].write_bytes(b"damaged")
-    with caplog.at_level(logging.WARNING, logger="iscam.tflite"):
+    with caplog.at_level(logging.WARNING, logger="iscam.cache"):
         third = load_tflite(source)
     assert "unreadable cache entry" in caplog.text
     with torch.no_grad():
