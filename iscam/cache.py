@@ -10,15 +10,16 @@ restored. Bumping a converter's version makes every old entry stale without dele
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
 
 from iscam.paths import cache_dir
+from iscam.store import atomic_write_bytes
 
 __all__ = ["cached_conversion", "sha256_file", "verified_sha256"]
 
@@ -78,13 +79,8 @@ def cached_conversion(
             log.warning("ignoring unreadable cache entry %s (%r); converting again", entry, exc)
     payload = convert()
     if use_cache:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=entry.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, entry)  # atomic: concurrent runs never see half a file
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        # atomic (concurrent runs never see half a file) and with the umask's mode, like every file we write
+        atomic_write_bytes(entry, buffer.getvalue())
     return restore(payload)
