@@ -13,7 +13,7 @@ ISCAM_DATA ?= $(abspath ../shared/assets)
 export ISCAM_DATA
 PYTEST_ARGS ?=
 
-.PHONY: help venv tools test test-all bench clean book reproduce
+.PHONY: help venv tools test test-all bench clean results book render reproduce gpu-results
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -46,25 +46,35 @@ $(CHROMIUM):
 	$(SUDO) apt-get update
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
 
-# --- the book ---------------------------------------------------------------------------------------
-# `make book` runs every notebook with papermill on PROFILE (a config in configs/) and builds the HTML.
-# Notebook parameters come from the command line; empty ones keep the notebooks' defaults:
+# --- results and the book ---------------------------------------------------------------------------
+# Two steps: `make results` computes PROFILE's results stores (iscam run: only missing rows; a complete store
+# costs nothing), `make book` = results, then renders every notebook from the stores and builds the HTML.
+# Notebook parameters come from the command line; empty ones keep the profile's values:
 #   make book N=15 IMAGES=50 SIGMA=2 SEED=1 DEVICE=cuda RESULTS=results/mine ISCAM_DATA=/data/imagenet
-# PARAMS passes any other parameter, papermill style: PARAMS='-p batch_size 64'.
+# RESULTS may also be a folder of stores brought back from a GPU (`make gpu-results OUT=...`): the book then
+# renders them on any machine. PARAMS passes any other parameter, papermill style: PARAMS='-p published None'.
 PROFILE ?= quick
 PAPER_PROFILES ?= paper-vgg16,paper-resnet18,paper-squeezenet
+RESULTS ?= results
 BOOK_FLAGS ?= --log-output
 BOOK_PARAMS = $(if $(N),-p N $(N)) $(if $(IMAGES),-p n_images $(IMAGES)) $(if $(SIGMA),-p sigma $(SIGMA)) \
-	$(if $(SEED),-p seed $(SEED)) $(if $(DEVICE),-p device $(DEVICE)) $(if $(RESULTS),-p results $(abspath $(RESULTS))) \
-	$(PARAMS)
+	$(if $(SEED),-p seed $(SEED)) $(if $(DEVICE),--device $(DEVICE)) --results $(abspath $(RESULTS)) $(PARAMS)
 
-book: $(VENV)/.stamp-book ## run the notebooks on PROFILE=quick (or N=, IMAGES=, ...) and build book/_build/html
+results: $(VENV)/.stamp-book ## compute PROFILE's results stores (N=, IMAGES=, DEVICE=, RESULTS=)
+	$(PY) book/build.py --profile $(PROFILE) --skip-render $(BOOK_FLAGS) $(BOOK_PARAMS)
+
+book: $(VENV)/.stamp-book ## results, then render the notebooks from the stores and build book/_build/html
 	$(PY) book/build.py --profile $(PROFILE) $(BOOK_FLAGS) $(BOOK_PARAMS)
 
-# The N sweep and the protocol variants rerun IS-CAM many times: on 500 of the 2000 images for the paper.
-REPRODUCE_PARAMS ?= -p sweep_images 500 -p variant_images 500
+render: $(VENV)/.stamp-book ## only render the book from existing stores (RESULTS=...): no forward pass
+	$(PY) book/build.py --profile $(PROFILE) --skip-results $(BOOK_FLAGS) $(BOOK_PARAMS)
+
 reproduce: $(VENV)/.stamp-book ## the paper's profiles (VGG-16, ResNet-18, SqueezeNet1.0; 2000 images; GPU), then the book
-	$(PY) book/build.py --profile $(PAPER_PROFILES) $(BOOK_FLAGS) $(REPRODUCE_PARAMS) $(BOOK_PARAMS)
+	$(PY) book/build.py --profile $(PAPER_PROFILES) $(BOOK_FLAGS) $(BOOK_PARAMS)
+
+OUT ?= gpu-results
+gpu-results: $(VENV)/.stamp-test ## on a GPU: the GPU profiles' stores (mobilenet, squeezenet*) into OUT, <= 8 files
+	$(PY) book/gpu_results.py --out $(OUT)
 
 test: $(VENV)/.stamp-book $(CHROMIUM) $(TOOLS) ## set up .venv if needed and run the test suite (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -77,4 +87,4 @@ bench: $(VENV)/.stamp-test ## CPU benchmarks against TorchCAM (tables in benchma
 	$(PY) benchmarks/metrics_cpu.py
 
 clean: ## remove build outputs (keeps .venv and results/)
-	rm -rf book/_build book/chapters book/_mathjax notebooks/executed .pytest_cache
+	rm -rf book/_build book/notebooks book/_mathjax .pytest_cache

@@ -1,19 +1,21 @@
-"""Build the iscam book: run every notebook with papermill, then compile the executed notebooks to HTML.
+"""Build the iscam book in two steps: compute the results stores, then render the notebooks that read them.
 
-``make book`` and ``make reproduce`` call this script, and so does the browser test, so the book a user
-builds and the book the test checks come from one code path::
+``make results``, ``make book`` and ``make reproduce`` call this script, and so does the browser test, so the
+book a user builds and the book the test checks come from one code path::
 
-    python book/build.py --profile quick                      # what `make book` runs
+    python book/build.py --profile quick                      # what `make book` runs: results, then render
     python book/build.py --profile quick -p N 15              # any notebook parameter, papermill style
-    python book/build.py --profile smoke --skip-html          # only run the notebooks
-    python book/build.py --skip-run                           # only rebuild the HTML from executed notebooks
+    python book/build.py --profile quick --skip-render        # `make results`: only compute the stores
+    python book/build.py --skip-results                       # only render (complete stores: no forward pass)
 
 Steps (each can be skipped):
 
-1. *run*: every ``notebooks/NN-*.ipynb`` is executed by papermill into ``notebooks/executed/`` with the
-   profile and the given parameters; only parameters a notebook declares in its ``parameters`` cell are
-   passed to it. The provenance appendix runs last, since it reads the other notebooks' run times.
-2. *chapters*: the executed notebooks are copied into ``book/chapters/`` where ``_toc.yml`` expects them.
+1. *results*: ``iscam run`` of every profile into ``<results>/<profile>`` (only missing rows are computed;
+   a complete store loads no model). The chapters' parameters (``-p N 15``) become ``--set`` overrides.
+2. *render*: every ``notebooks/NN-*.ipynb`` is executed by papermill into ``book/notebooks/`` with
+   ``compute=False``: a chapter only reads the stores, and a missing row is an error naming the command that
+   computes it. Only parameters a notebook declares in its ``parameters`` cell are passed to it; the
+   provenance appendix runs last, since it reads the other notebooks' render times.
 3. *mathjax*: MathJax 3 from npm's ``mathjax`` package is copied into ``book/_mathjax/_static/mathjax``,
    which Sphinx merges into the output's ``_static`` (the book must render offline: no CDN).
 4. *html*: ``jupyter-book build -W -n --keep-going`` (every Sphinx warning is an error), then every page
@@ -35,27 +37,27 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 __all__ = [
-    "REPO",
     "BOOK",
-    "NOTEBOOKS",
-    "EXECUTED",
     "CHAPTERS",
     "HTML",
-    "notebook_paths",
-    "declared_parameters",
-    "run_notebooks",
-    "copy_chapters",
-    "install_mathjax",
+    "NOTEBOOKS",
+    "REPO",
     "build_html",
+    "compute_results",
+    "declared_parameters",
     "external_references",
+    "install_mathjax",
     "main",
+    "notebook_paths",
+    "run_notebooks",
 ]
 
 BOOK = Path(__file__).resolve().parent
 REPO = BOOK.parent
 NOTEBOOKS = REPO / "notebooks"
-EXECUTED = NOTEBOOKS / "executed"
-CHAPTERS = BOOK / "chapters"
+# The rendered chapters: book/notebooks/NN.ipynb (build outputs, not committed), so the launch buttons'
+# "<repository>/notebooks/NN.ipynb" (path_to_book "") open the committed source of the same page.
+CHAPTERS = BOOK / "notebooks"
 HTML = BOOK / "_build" / "html"
 MATHJAX_BUILD = REPO / "build" / "mathjax"
 MATHJAX_VERSION = "3"
@@ -63,7 +65,9 @@ MATHJAX_VERSION = "3"
 # included); the SVG and MathML-input bundles are left out.
 MATHJAX_PARTS = ("tex-chtml.js", "input/tex", "output/chtml", "ui", "a11y", "sre", "adaptors")
 # The appendix reads the other notebooks' papermill metadata, so it must run after them.
-LAST_NOTEBOOKS = ("09-provenance.ipynb",)
+LAST_NOTEBOOKS = ("10-provenance.ipynb",)
+#: Notebook parameters that are the config overrides of the results step.
+RESULT_PARAMETERS = ("n_images", "N", "sigma", "seed")
 
 
 class BuildError(RuntimeError):
@@ -113,23 +117,53 @@ def _coerce(value: str) -> object:
         return value
 
 
+def compute_results(profiles: Sequence[str], parameters: Mapping[str, object] | None = None, *,
+                    results: Path, data_root: str | None = None, device: str | None = None,
+                    progress: bool = True) -> dict[str, float]:
+    """The results step: ``iscam run`` of each profile into ``results/<profile>`` with the chapters'
+    parameters as overrides; returns seconds per profile (a complete store takes well under a second)."""
+    from iscam.book import BookError, _overrides
+    from iscam.config import load_config
+    from iscam.runner import run
+
+    parameters = dict(parameters or {})
+    seconds = {}
+    for name in profiles:
+        base = load_config(name)
+        changes = _overrides(base, n_images=parameters.get("n_images"), N=parameters.get("N"),
+                             sigma=parameters.get("sigma"), seed=parameters.get("seed"))
+        config = load_config(name, changes)
+        out = results / config.name
+        command = f"iscam run {name} --out {out}" + "".join(f" --set {c}" for c in changes)
+        print(f"[results] {command}", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        try:
+            run(config, out=out, data_root=data_root, device=device, progress=progress, command=command)
+        except BookError as exc:  # pragma: no cover - run() raises the runner's own errors
+            raise BuildError(str(exc)) from exc
+        seconds[name] = time.perf_counter() - start
+    return seconds
+
+
 def run_notebooks(
     profile: str,
     parameters: Mapping[str, object] | None = None,
     *,
     notebooks: Iterable[Path] | None = None,
-    output_dir: Path = EXECUTED,
+    output_dir: Path = CHAPTERS,
     log_output: bool = False,
     kernel_name: str = "python3",
 ) -> dict[str, float]:
-    """Execute each notebook with papermill into ``output_dir``; return seconds per notebook.
+    """Render each notebook with papermill into ``output_dir`` (its working directory, so each chapter's
+    downloads land beside its page); return seconds per notebook.
 
-    ``profile`` and every entry of ``parameters`` are passed to the notebooks that declare them. A
-    failing notebook stops the build; its partly executed copy stays in ``output_dir`` for inspection.
+    ``profile`` and every entry of ``parameters`` are passed to the notebooks that declare them; ``compute``
+    is False unless given (the results step ran before). A failing notebook stops the build; its partly
+    executed copy stays in ``output_dir`` for inspection.
     """
     import papermill
 
-    parameters = dict(parameters or {})
+    parameters = {"compute": False, **dict(parameters or {})}
     parameters["profile"] = profile
     output_dir.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -140,51 +174,41 @@ def run_notebooks(
     for index, notebook in enumerate(paths, start=1):
         declared = declared_parameters(notebook)
         passed = {k: v for k, v in parameters.items() if k in declared}
-        if "executed" in declared:  # the provenance appendix reads the other executed notebooks
-            passed["executed"] = str(output_dir.resolve())
         shown = " ".join(f"{k}={v!r}" for k, v in passed.items())
         print(f"[book {index}/{len(paths)}] {notebook.name}  {shown}", file=sys.stderr, flush=True)
+        target = output_dir / notebook.name
         start = time.perf_counter()
         try:
             papermill.execute_notebook(
                 str(notebook),
-                str(output_dir / notebook.name),
+                str(target),
                 parameters=passed,
                 kernel_name=kernel_name,
-                cwd=str(notebook.parent),
-                progress_bar=True,
+                cwd=str(output_dir),
+                progress_bar=False,
                 log_output=log_output,
             )
         except papermill.PapermillExecutionError as exc:
             raise BuildError(
                 f"{notebook.name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
-                f"(the executed copy with the traceback is {output_dir / notebook.name})"
+                f"(the executed copy with the traceback is {target})"
             ) from exc
+        _fold_injected_parameters(target)
         seconds[notebook.name] = time.perf_counter() - start
     return seconds
 
 
-def copy_chapters(executed_dir: Path = EXECUTED, chapters_dir: Path = CHAPTERS) -> list[Path]:
-    """Copy the executed notebooks into ``book/chapters`` (replacing what a previous build left).
-
-    The cell papermill injects with the parameters gets the ``hide-input`` tag of the notebooks' own
-    code cells, so the book shows it folded like the rest of the code.
-    """
-    executed = notebook_paths(executed_dir)
-    if chapters_dir.exists():
-        shutil.rmtree(chapters_dir)
-    chapters_dir.mkdir(parents=True)
-    copies = []
-    for path in executed:
-        nb = json.loads(path.read_text(encoding="utf-8"))
-        for cell in nb["cells"]:
-            tags = cell.setdefault("metadata", {}).setdefault("tags", [])
-            if "injected-parameters" in tags and "hide-input" not in tags:
-                tags.append("hide-input")
-        target = chapters_dir / path.name
-        target.write_text(json.dumps(nb, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        copies.append(target)
-    return copies
+def _fold_injected_parameters(path: Path) -> None:
+    """Give the cell papermill injects the parameters cell's display tag (folded, or removed on the landing
+    page), so the book shows it like the notebook's own parameters."""
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    own = next((c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])), None)
+    tag = "remove-cell" if own is not None and "remove-cell" in own["metadata"]["tags"] else "hide-input"
+    for cell in nb["cells"]:
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        if "injected-parameters" in tags and tag not in tags:
+            tags.append(tag)
+    path.write_text(json.dumps(nb, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
 
 def install_mathjax(extra_dir: Path = BOOK / "_mathjax", build_dir: Path = MATHJAX_BUILD) -> Path:
@@ -287,32 +311,52 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="quick",
-                        help="experiment profile(s) from configs/, comma-separated (default: quick)")
+                        help="experiment profile(s), shipped config names, comma-separated (default: quick)")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="a notebook parameter, as papermill's -p (repeatable), e.g. -p N 15")
-    parser.add_argument("--only", nargs="+", default=[], help="run only notebooks whose name contains these")
-    parser.add_argument("--skip-run", action="store_true", help="reuse notebooks/executed/")
-    parser.add_argument("--skip-html", action="store_true", help="only run the notebooks")
+    parser.add_argument("--results", type=Path, help="folder of the results stores (default: $ISCAM_RESULTS, "
+                        "else <checkout>/results)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device of the results step")
+    parser.add_argument("--only", nargs="+", default=[], help="render only notebooks whose name contains these")
+    parser.add_argument("--skip-results", action="store_true", help="do not compute: render existing stores")
+    parser.add_argument("--skip-render", action="store_true", help="only compute the stores (make results)")
+    parser.add_argument("--skip-html", action="store_true", help="only compute and render the notebooks")
     parser.add_argument("--log-output", action="store_true",
-                        help="stream the notebooks' output (the runner's progress bars) to the terminal")
+                        help="stream the notebooks' output to the terminal")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     parameters = {name: _coerce(value) for name, value in args.parameter if value != ""}
+    given = args.results or parameters.get("results") or os.environ.get("ISCAM_RESULTS") or REPO / "results"
+    results = Path(given).expanduser().resolve()
+    parameters["results"] = str(results)
+    profiles = [p.strip() for p in args.profile.split(",") if p.strip()]
     try:
-        if not args.skip_run:
-            paths = notebook_paths(only=args.only)
-            seconds = run_notebooks(args.profile, parameters, notebooks=paths, log_output=args.log_output)
-            total = sum(seconds.values())
-            print(f"[book] ran {len(seconds)} notebooks in {total / 60:.1f} min", file=sys.stderr)
+        if not args.skip_results:
+            spent = compute_results(profiles, parameters, results=results,
+                                    data_root=parameters.get("data_root"), device=args.device)
+            print(f"[results] {sum(spent.values()) / 60:.1f} min", file=sys.stderr)
+        if args.skip_render:
+            return 0
+        paths = notebook_paths(only=args.only)
+        seconds = run_notebooks(args.profile, parameters, notebooks=paths, log_output=args.log_output)
+        print(f"[book] rendered {len(seconds)} notebooks in {sum(seconds.values()) / 60:.1f} min", file=sys.stderr)
         if not args.skip_html:
-            copy_chapters()
             install_mathjax()
             html = build_html()
             print(f"[book] HTML: {html / 'index.html'}", file=sys.stderr)
     except BuildError as exc:
+        print(f"book build failed: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - the runner's and the book's errors name the problem: one line
+        from iscam.book import BookError
+        from iscam.config import ConfigError
+        from iscam.store import StoreError
+
+        if not isinstance(exc, (BookError, ConfigError, StoreError)):
+            raise
         print(f"book build failed: {exc}", file=sys.stderr)
         return 1
     return 0

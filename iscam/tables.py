@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .methods import METHODS, PAPER_NAMES
+from .models import PAPER_MODELS
 from .stats import bootstrap_ci
 
 __all__ = [
@@ -36,6 +38,10 @@ __all__ = [
     "METHOD_ORDER",
     "Selection",
     "TableError",
+    "cost_table",
+    "map_similarity",
+    "paper_comparison",
+    "variant_table",
     "select",
     "selection",
     "table_i",
@@ -100,12 +106,8 @@ PAPER_SOURCES: dict[str, str] = {
     "table_iii": "Table III: energy-based pointing game proportion (%), VGG-16, ResNet-18, SqueezeNet1.0",
 }
 
-#: The CNNs the paper used (torchvision names).
-PAPER_MODELS: tuple[str, ...] = ("vgg16", "resnet18", "squeezenet1_0")
-#: Row order of the tables: the paper's, then the random baseline, then anything else.
-METHOD_ORDER: tuple[str, ...] = ("gradcam", "gradcampp", "smoothgradcampp", "scorecam", "sscam", "iscam", "random")
-_FALLBACK_NAMES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "smoothgradcampp": "Smooth Grad-CAM++",
-                   "scorecam": "Score-CAM", "sscam": "SS-CAM", "iscam": "IS-CAM", "random": "Random"}
+#: Row order of the tables: the paper's, then the random baseline, then anything else (the registry's order).
+METHOD_ORDER: tuple[str, ...] = tuple(METHODS)
 _METRIC_LABELS = {"insertion": "Insertion %", "deletion": "Deletion %", "average_drop": "Avg Drop %",
                   "increase": "Avg Inc %", "pointing": "Proportion %"}
 _COLUMNS = ["model", "method", "name", "params_key", "metric", "ours", "low", "high", "n", "paper",
@@ -117,11 +119,7 @@ class TableError(ValueError):
 
 
 def _paper_names() -> dict[str, str]:
-    try:
-        from .methods import PAPER_NAMES
-    except Exception:  # noqa: BLE001 - the tables must work from a store alone
-        return dict(_FALLBACK_NAMES)
-    return {**_FALLBACK_NAMES, **dict(PAPER_NAMES)}
+    return dict(PAPER_NAMES)
 
 
 def _method_rank(method: str) -> tuple[int, str]:
@@ -425,3 +423,121 @@ def format_table(table: pd.DataFrame, *, title: str | None = None, digits: int =
     lines.append("  ".join("-" * w for w in widths))
     lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells)
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Display tables of the book: a long table beside the paper, costs, variants, map similarity
+# --------------------------------------------------------------------------------------------------
+
+_STAT_LABELS = ("ours", "95 % CI", "paper", "Δ")
+_DISPLAY_LABELS = {"insertion": "Insertion AUC % ↑", "deletion": "Deletion AUC % ↓",
+                   "average_drop": "Average Drop % ↓", "increase": "Increase in Confidence % ↑",
+                   "win": "Win % ↑", "pointing": "Pointing game % ↑"}
+
+
+def _number(value: float, digits: int, *, signed: bool = False) -> str:
+    if value is None or not np.isfinite(float(value)):
+        return "–"
+    return f"{float(value):+.{digits}f}" if signed else f"{float(value):.{digits}f}"
+
+
+def paper_comparison(table: pd.DataFrame, *, digits: int = 2, labels: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """A long table as a wide display table: one row per (model, method), and per metric the columns
+    *ours*, *95 % CI*, *paper* and *Δ* (ours - paper). ``labels`` names the models (default: the registry's
+    labels); when the paper did not use the model, the label names the CNN whose published values are shown.
+    A metric whose n is smaller than the images' says how many were skipped in its *ours* cell."""
+    from .models import model_label
+
+    if table.empty:
+        raise TableError("the table is empty: the store has no rows for these methods")
+    metrics = list(dict.fromkeys(table["metric"]))
+    rows: dict[tuple[str, str], dict[tuple[str, str], str]] = {}
+    for record in table.itertuples(index=False):
+        paper_model = str(record.paper_model)
+        label = (labels or {}).get(record.model, model_label(record.model))
+        if paper_model != record.model:
+            label += f" — paper: {model_label(paper_model)}"
+        cells = rows.setdefault((label, str(record.name)), {})
+        metric = _DISPLAY_LABELS.get(record.metric, record.metric)
+        ours = _number(record.ours, digits)
+        if int(getattr(record, "skipped", 0) or 0):
+            ours += f" (n={int(record.n)}, {int(record.skipped)} skipped)"
+        cells[(metric, "ours")] = ours
+        cells[(metric, "95 % CI")] = f"[{_number(record.low, digits)}, {_number(record.high, digits)}]"
+        cells[(metric, "paper")] = _number(record.paper, digits)
+        cells[(metric, "Δ")] = _number(record.diff, digits, signed=True)
+    columns = pd.MultiIndex.from_tuples(
+        [(_DISPLAY_LABELS.get(m, m), stat) for m in metrics for stat in _STAT_LABELS], names=["metric", ""]
+    )
+    index = pd.MultiIndex.from_tuples(list(rows), names=["model", "method"])
+    return pd.DataFrame([[cells.get(c, "") for c in columns] for cells in rows.values()], index=index,
+                        columns=columns)
+
+
+def cost_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Seconds and forward passes per image of each (model, method, parameters) of ``frame``: the map's, the
+    metrics' and their total, with the ratio of the map's cost to Score-CAM's. Columns: model, method, name,
+    params_key, images, map_seconds, metric_seconds, seconds, forwards, metric_forwards, total_forwards,
+    relative_seconds, relative_forwards (map cost / Score-CAM's map cost)."""
+    names = _paper_names()
+    rows = []
+    for (model, method, pkey), group in frame.groupby(["model", "method", "params_key"], sort=False):
+        map_s, metric_s = float(group["method_seconds"].mean()), float(group["metric_seconds"].mean())
+        forwards, metric_f = float(group["forward_count"].mean()), float(group["metric_forward_count"].mean())
+        rows.append({"model": model, "method": method, "name": names.get(method, method), "params_key": pkey,
+                     "images": len(group), "map_seconds": map_s, "metric_seconds": metric_s,
+                     "seconds": map_s + metric_s, "forwards": forwards, "metric_forwards": metric_f,
+                     "total_forwards": forwards + metric_f})
+    table = pd.DataFrame(rows)
+    if table.empty:
+        raise TableError("no rows to cost")
+    table = table.iloc[sorted(range(len(table)), key=lambda i: (table["model"].iloc[i],
+                                                                _method_rank(table["method"].iloc[i])))]
+    for column, source in (("relative_seconds", "map_seconds"), ("relative_forwards", "forwards")):
+        reference = table[table["method"] == "scorecam"].groupby("model")[source].first()
+        table[column] = [value / reference.get(model, float("nan"))
+                         for value, model in zip(table[source], table["model"])]
+    return table.reset_index(drop=True)
+
+
+def variant_table(sets: Mapping[str, Any], *, n_boot: int = 10000, seed: int = 0,
+                  column: str = "variant") -> pd.DataFrame:
+    """Tables I-III of each set of a variant (label -> :class:`Selection` or frame), long, with a ``column``
+    holding the label and ``change`` = ours - the first set's value (the same images in every set)."""
+    parts = []
+    for label, chosen in sets.items():
+        frame = chosen.frame if isinstance(chosen, Selection) else chosen
+        for make in (table_i, table_ii, table_iii):
+            parts.append(make(frame, n_boot=n_boot, seed=seed).assign(**{column: label}))
+    long = pd.concat(parts, ignore_index=True)
+    first = next(iter(sets))
+    base = long[long[column] == first].set_index(["model", "method", "metric"])["ours"]
+    keys = list(zip(long["model"], long["method"], long["metric"]))
+    long["change"] = [ours - base.get(key, float("nan")) for ours, key in zip(long["ours"], keys)]
+    return long
+
+
+def map_similarity(maps: Mapping[Any, Any], files: Sequence[str], *, reference: Any,
+                   model: str = "") -> pd.DataFrame:
+    """How much the maps change across a variant's sets: per image and set, the Pearson correlation with the
+    ``reference`` set's map and the mean absolute difference (maps in [0, 1]). ``maps``: set -> tensor
+    ``[len(files), H, W]``. Columns: model, N (the set), file, correlation, mean_abs_diff (per image: what
+    :func:`iscam.claims.evaluate` reads)."""
+    import torch
+
+    ref = torch.as_tensor(maps[reference]).flatten(1).double()
+    rows = []
+    for key, value in maps.items():
+        other = torch.as_tensor(value).flatten(1).double()
+        a = ref - ref.mean(1, keepdim=True)
+        b = other - other.mean(1, keepdim=True)
+        denominator = a.norm(dim=1) * b.norm(dim=1)
+        # two constant maps agree (1); a constant map against a varying one has no correlation (NaN)
+        both_flat = (a.norm(dim=1) == 0) & (b.norm(dim=1) == 0)
+        correlation = torch.where(denominator > 0, (a * b).sum(1) / denominator.clamp_min(1e-300),
+                                  torch.where(both_flat, 1.0, float("nan")))
+        difference = (other - ref).abs().mean(1)
+        for i, file in enumerate(files):
+            rows.append({"model": model, "N": key, "file": file, "correlation": float(correlation[i]),
+                         "mean_abs_diff": float(difference[i])})
+    return pd.DataFrame(rows, columns=["model", "N", "file", "correlation", "mean_abs_diff"])

@@ -1,5 +1,6 @@
-"""The book, end to end: every notebook runs with papermill on the ``smoke`` profile, the Jupyter Book is
-built (warnings are errors, MathJax served locally), served on 127.0.0.1 and checked in headless Chromium.
+"""The book, end to end: the results step computes the ``smoke`` profile's stores, every notebook renders
+from them with papermill (no data root, no forward pass: counted), the Jupyter Book is built (warnings are
+errors, MathJax served locally), served on 127.0.0.1 and checked in headless Chromium.
 
 In the browser every page of the table of contents must load with no failed request, no HTTP error and
 no request to another host; every figure must be a decoded image laid out on the page; every table must
@@ -56,7 +57,7 @@ build = _load_build_module()
 # ------------------------------------------------------------------------------------------------
 
 def toc_pages(toc_file: Path) -> list[str]:
-    """Document names of ``_toc.yml`` (root first), e.g. ``["intro", "chapters/01-pipeline", ...]``."""
+    """Document names of ``_toc.yml`` (root first), e.g. ``["notebooks/00-claims", "intro", ...]``."""
     import yaml
 
     toc = yaml.safe_load(toc_file.read_text(encoding="utf-8"))
@@ -95,22 +96,75 @@ def expected_glue_texts(book_dir: Path, page: str) -> list[str]:
     return texts
 
 
+# Counts every module call in the render step's kernels: the book must render from the stores alone.
+_COUNTER = """
+import atexit, os
+import torch
+
+_calls = [0]
+_original = torch.nn.Module.__call__
+
+
+def _counted(self, *args, **kwargs):
+    _calls[0] += 1
+    return _original(self, *args, **kwargs)
+
+
+torch.nn.Module.__call__ = _counted
+atexit.register(lambda: open(os.path.join(os.environ["ISCAM_FORWARD_LOG"], f"{os.getpid()}.txt"), "w")
+                .write(str(_calls[0])))
+"""
+
+
 @pytest.fixture(scope="module")
-def book_html(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Run every notebook on the smoke profile and build the book, in a temporary copy of book/."""
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The results step on the smoke profile, then the render step (in a temporary copy of book/) with no
+    data root and a counter of forward passes in every kernel; the render's seconds and forward passes."""
+    import os
+    import time
+
     work = tmp_path_factory.mktemp("book")
     book_dir = work / "book"
     shutil.copytree(REPO / "book", book_dir,
-                    ignore=shutil.ignore_patterns("_build", "chapters", "_mathjax", "__pycache__"))
+                    ignore=shutil.ignore_patterns("_build", "notebooks", "_mathjax", "__pycache__"))
     shutil.copy2(REPO / "CITATION.cff", work / "CITATION.cff")  # the citation page includes ../CITATION.cff
-    executed = work / "executed"
     results = work / "results"
-    # A short N sweep and few images for the map similarity keep the smoke build within a few minutes.
-    build.run_notebooks("smoke", {"results": str(results), "N_values": [1, 3], "similarity_images": 2},
-                        output_dir=executed)
-    build.copy_chapters(executed, book_dir / "chapters")
+    build.compute_results(["smoke"], results=results, progress=False)
+    counter = work / "counter"
+    counter.mkdir()
+    (counter / "sitecustomize.py").write_text(_COUNTER, encoding="utf-8")
+    log = work / "forwards"
+    log.mkdir()
+    saved = {k: os.environ.get(k) for k in ("ISCAM_DATA", "PYTHONPATH", "ISCAM_FORWARD_LOG")}
+    os.environ.pop("ISCAM_DATA", None)  # rendering needs no model and no image: the stores hold everything
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(counter), str(REPO), saved["PYTHONPATH"]]))
+    os.environ["ISCAM_FORWARD_LOG"] = str(log)
+    try:
+        start = time.perf_counter()
+        build.run_notebooks("smoke", {"results": str(results)}, output_dir=book_dir / "notebooks")
+        seconds = time.perf_counter() - start
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    forwards = [int(p.read_text()) for p in log.glob("*.txt")]
+    print(f"\nrender step: {len(build.notebook_paths())} chapters in {seconds:.1f} s, "
+          f"{sum(forwards)} module calls in {len(forwards)} kernels")
     build.install_mathjax(book_dir / "_mathjax")
-    return build.build_html(book_dir)
+    return {"html": build.build_html(book_dir), "seconds": seconds, "forwards": forwards,
+            "kernels": len(build.notebook_paths())}
+
+
+@pytest.fixture(scope="module")
+def book_html(rendered: dict) -> Path:
+    return rendered["html"]
+
+
+def test_rendering_from_complete_stores_makes_no_forward_pass(rendered: dict) -> None:
+    assert len(rendered["forwards"]) == rendered["kernels"]  # every kernel reported its count
+    assert rendered["forwards"] == [0] * rendered["kernels"]
 
 
 @pytest.fixture(scope="module")
@@ -210,13 +264,118 @@ def test_every_page_loads_offline_with_figures_tables_math_and_glued_numbers(boo
     assert not problems, "\n".join(problems)
 
 
+def _chapters(book_dir: Path) -> list[str]:
+    return [p for p in toc_pages(book_dir / "_toc.yml") if p.startswith("notebooks/")]
+
+
+def test_every_chapter_has_launch_repository_and_download_buttons_with_well_formed_targets(book_html, server,
+                                                                                           browser):
+    import yaml
+
+    book_dir = book_html.parents[1]
+    config = yaml.safe_load((book_dir / "_config.yml").read_text(encoding="utf-8"))
+    repository = config["repository"]["url"].rstrip("/")
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        for chapter in _chapters(book_dir):
+            page.goto(server + chapter + ".html", wait_until="networkidle")
+            links = page.evaluate("() => [...document.querySelectorAll('a')].map(a => a.href)")
+            source = f"{chapter}.ipynb"  # path_to_book "": the repository's notebooks/NN.ipynb
+            binder = [u for u in links if u.startswith("https://mybinder.org/v2/gh/")]
+            colab = [u for u in links if u.startswith("https://colab.research.google.com/github/")]
+            assert binder and all(u.endswith(f"?urlpath=lab/tree/{source}") for u in binder), (chapter, binder)
+            assert colab and all(u.endswith(f"/blob/main/{source}") for u in colab), (chapter, colab)
+            assert repository in links, f"{chapter}: no repository button"
+            assert any(u.startswith(repository + "/issues") for u in links), f"{chapter}: no issues button"
+            downloads = [u for u in links if u.endswith(".ipynb") and "_sources" in u]
+            assert downloads, f"{chapter}: no button downloading the notebook"
+            for url in downloads:
+                response = page.request.get(url)
+                assert response.ok and json.loads(response.body())["cells"], url
+    finally:
+        page.close()
+
+
+def test_every_downloadable_file_exists_and_parses(book_html, server, browser):
+    import io
+
+    import pandas as pd
+
+    page = browser.new_page()
+    seen = 0
+    try:
+        for chapter in _chapters(book_html.parents[1]):
+            page.goto(server + chapter + ".html", wait_until="networkidle")
+            hrefs = page.evaluate("() => [...document.querySelectorAll('a.download, a[download]')].map(a => a.href)")
+            for url in hrefs:
+                response = page.request.get(url)
+                assert response.ok, url
+                body = response.body()
+                frame = pd.read_csv(io.BytesIO(body)) if url.endswith(".csv") else pd.read_parquet(io.BytesIO(body))
+                assert len(frame) > 0 and len(frame.columns) > 1, url
+                seen += 1
+    finally:
+        page.close()
+    assert seen >= 10, f"only {seen} downloadable tables"
+
+
+def test_the_landing_page_shows_claims_profile_and_how_to_reproduce_above_the_fold(book_html, server, browser):
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    try:
+        page.goto(server, wait_until="networkidle")  # index.html redirects to the landing page
+        page.wait_for_url("**/00-claims.html")
+        fold = 800
+
+        def bottom(selector: str) -> float:
+            box = page.locator(selector).first.bounding_box()
+            assert box is not None, selector
+            return box["y"] + box["height"]
+
+        rows = page.locator(".iscam-claims tbody tr")
+        assert rows.count() >= 10
+        assert bottom(".iscam-claims table") <= fold, "the claims table does not fit above the fold"
+        text = page.locator("article").inner_text()
+        first_screen = page.evaluate(
+            "() => [...document.querySelectorAll('article p')].filter(p => p.getBoundingClientRect().bottom"
+            " <= 800).map(p => p.innerText).join(' ')")
+        for needed in ("This build:", "smoke", "make book", "make reproduce", "Binder"):
+            assert needed in first_screen, f"{needed!r} not above the fold: {first_screen!r}"
+        assert "supported" in text or "not resolved" in text
+    finally:
+        page.close()
+
+
+def test_the_book_reads_on_a_phone_without_horizontal_scrolling(book_html, server, browser):
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    problems = []
+    try:
+        for name in toc_pages(book_html.parents[1] / "_toc.yml"):
+            page.goto(server + name + ".html", wait_until="networkidle")
+            overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
+            if overflow > 1:
+                wide = page.evaluate(
+                    "() => [...document.querySelectorAll('article *')].filter(e => e.getBoundingClientRect()"
+                    ".right > window.innerWidth + 1).slice(0, 3).map(e => e.tagName + '.' + e.className)")
+                problems.append(f"{name}: the page scrolls sideways by {overflow}px ({wide})")
+            tables = page.locator("article table")
+            for i in range(tables.count()):
+                box = tables.nth(i).evaluate(
+                    "t => { const b = t.closest('div') || t; return [b.scrollWidth, b.clientWidth,"
+                    " getComputedStyle(t).overflowX, getComputedStyle(b).overflowX]; }")
+                if box[0] > box[1] + 1 and "auto" not in (box[2], box[3]) and "scroll" not in (box[2], box[3]):
+                    problems.append(f"{name}: table {i + 1} is wider than its box and does not scroll ({box})")
+    finally:
+        page.close()
+    assert not problems, "\n".join(problems)
+
+
 def test_built_book_loads_nothing_from_other_hosts(book_html):
     assert build.external_references(book_html) == []
     assert (book_html / "_static" / "mathjax" / "tex-chtml.js").is_file()
 
 
 def test_every_chapter_states_its_profile_model_weights_and_images(book_html):
-    for page in sorted((book_html / "chapters").glob("*.html")):
+    for page in sorted((book_html / "notebooks").glob("*.html")):
         text = page.read_text(encoding="utf-8")
         banner = re.search(r'class="[^"]*iscam-banner[^"]*".*?</div>', text, re.DOTALL)
         assert banner, f"{page.name} has no provenance banner"
@@ -274,12 +433,13 @@ def test_declared_parameters_reads_the_tagged_cell(tmp_path):
 
 def test_every_committed_notebook_has_parameters_and_no_outputs():
     notebooks = build.notebook_paths()
-    assert [p.name for p in notebooks][-1] == "09-provenance.ipynb"
+    assert [p.name for p in notebooks][-1] == "10-provenance.ipynb"
     pages = {Path(p).name for p in toc_pages(REPO / "book" / "_toc.yml")}
     for path in notebooks:
         assert path.stem in pages, f"{path.name} is not in book/_toc.yml"
         declared = build.declared_parameters(path)
-        for name in ("profile", "n_images", "N", "sigma", "seed", "data_root", "device", "results"):
+        for name in ("profile", "published", "n_images", "N", "sigma", "seed", "data_root", "results", "compute",
+                     "downloads"):
             assert name in declared, f"{path.name}: parameter {name!r} missing from the parameters cell"
         nb = json.loads(path.read_text(encoding="utf-8"))
         for cell in nb["cells"]:

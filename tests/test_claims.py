@@ -387,7 +387,7 @@ def test_other_models_get_the_same_comparisons_and_say_whose_numbers_are_shown()
     assert list(display.columns) == ["claim", "summary", "quote", "where", "paper", "mobilenet_v1_coral_tiny",
                                      "resnet18", "vgg16", "flagged", "chapter"]
     line = display.set_index("claim").loc["drop-below-scorecam-sscam"]
-    assert line["chapter"] == "chapters/04-confidence"
+    assert line["chapter"] == "notebooks/04-confidence"
     assert line["paper"] == "IS-CAM 63.30, Score-CAM 66.03, SS-CAM 79.15"
     assert display.set_index("claim").loc["win-vs-sscam", "paper"] == "Win % vs SS-CAM 59.25"
     assert display.set_index("claim").loc["n-changes-metrics", "paper"] == "-"

@@ -1,9 +1,11 @@
-"""Rerunning a chapter with a new N regenerates its numbers and computes only the missing rows.
+"""A chapter run on its own (``papermill notebooks/04-confidence.ipynb out.ipynb -p N 15``) runs the results
+step for its own rows first, and rerunning it with a new N computes only the missing rows.
 
-Runs the Table II notebook with papermill on the ``smoke`` profile into a temporary results store, then
-again with ``-p N 5``: the second run must add exactly one IS-CAM row per image (with N=5 in its
-parameters and N forward passes per scored channel), leave every earlier row untouched, and glue the
-N=5 numbers -- the values iscam.tables computes from the store -- into the chapter.
+Runs the Table II notebook with papermill on the ``smoke`` profile into a temporary results store (the
+notebook's default ``compute=True``), then again with ``-p N 5``: the second run must add exactly one IS-CAM
+row per image (with N=5 in its parameters and N forward passes per scored channel), leave every earlier row
+untouched, and glue the N=5 numbers -- the values iscam.tables computes from the store -- into the chapter.
+With ``compute=False`` (how ``make book`` renders) a missing row is an error naming the command.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pytest
 from conftest import glue_values
 
 from iscam import tables
-from iscam.experiment import load_config
+from iscam.config import load_config
 from iscam.store import ResultsStore
 
 pytestmark = pytest.mark.book
@@ -29,7 +31,7 @@ def _run(tmp_path: Path, name: str, **parameters) -> dict[str, str]:
 
     out = tmp_path / name
     papermill.execute_notebook(str(NOTEBOOK), str(out), parameters=parameters, kernel_name="python3",
-                               cwd=str(NOTEBOOK.parent), progress_bar=False)
+                               cwd=str(tmp_path), progress_bar=False)
     return glue_values(out)
 
 
@@ -39,12 +41,17 @@ def test_new_N_regenerates_the_chapter_and_computes_only_the_missing_rows(tmp_pa
     store = ResultsStore(results / config.name)
     images = config.data.num_images
 
-    first = _run(tmp_path, "first.ipynb", profile="smoke", results=str(results))
+    import papermill
+
+    with pytest.raises(papermill.PapermillExecutionError, match=r"BookError: no results for profile 'smoke'.*"
+                       r"iscam run smoke --out"):
+        _run(tmp_path, "render.ipynb", profile="smoke", results=str(results), compute=False, published=None)
+    first = _run(tmp_path, "first.ipynb", profile="smoke", results=str(results), published=None)
     before = store.read(curves=False)
     methods = len(config.methods)
     assert len(before) == images * methods
 
-    second = _run(tmp_path, "second.ipynb", profile="smoke", results=str(results), N=5)
+    second = _run(tmp_path, "second.ipynb", profile="smoke", results=str(results), N=5, published=None)
     after = store.read(curves=False)
     key = ["file", "method", "params_key", "metrics_key"]
     new = after.merge(before[key], on=key, how="left", indicator=True)

@@ -170,12 +170,26 @@ def test_select_by_config_keeps_that_configs_rows(synthetic: pd.DataFrame) -> No
     assert tables.select(frame, load_config("paper-resnet18", ["methods=[scorecam]"])).empty
 
 
-def test_banner_names_the_resolved_device_before_the_first_run(tmp_path: Path) -> None:
-    """An empty store has no provenance yet: the banner names the device the run will use, never "auto"."""
-    from iscam import figures
+def test_selection_pairs_methods_and_names_what_is_missing(synthetic: pd.DataFrame) -> None:
+    config = load_config("paper-vgg16", ["methods=[scorecam, iscam]"])
+    frame = synthetic.assign(metrics_key=config.metrics.key)
+    frame["params_key"] = [config.method_key(config.methods[1 if m == "iscam" else 0]) for m in frame["method"]]
+    files = ["f0", "f1", "f2", "f3", "f4"]  # f4 was planned but no method has it
+    lacking = frame[~((frame["method"] == "scorecam") & (frame["file"] == "f3"))]
+    chosen = tables.selection(lacking, config, files, command="iscam run paper-vgg16 --out S")
+    assert not chosen.complete and chosen.images == 3 and set(chosen.frame["file"]) == {"f0", "f1", "f2"}
+    assert chosen.missing == {"scorecam": ("f3", "f4"), config.methods[1].label(): ("f4",)}
+    notice = chosen.notice()
+    assert "INCOMPLETE" in notice and "scorecam lacks 2 of 5 images" in notice
+    assert "the 3 of 5 images every method has" in notice and notice.endswith("iscam run paper-vgg16 --out S")
+    with pytest.raises(tables.TableError, match=r"no rows for iscam\(N=3.*compute them with: iscam run"):
+        tables.selection(frame, load_config("paper-vgg16", ["methods=[scorecam, {name: iscam, params: {N: 3}}]"]),
+                         files[:4], command="iscam run paper-vgg16 --out S")
 
-    (run,) = figures.book_runs("smoke", results=str(tmp_path))
-    assert run.config.device == "auto" and run.store.provenance() in (None, {})
-    page = figures.banner([run]).data
-    assert "<strong>device</strong> cpu (" in page and "<strong>device</strong> auto" not in page
-    assert "<code>smoke</code>" in page
+
+def test_a_skipped_pointing_game_shrinks_n_visibly(synthetic: pd.DataFrame) -> None:
+    table = tables.table_iii(synthetic, n_boot=100)
+    iscam = table[table["method"] == "iscam"].iloc[0]
+    assert int(iscam["n"]) == 3 and int(iscam["skipped"]) == 1
+    assert "n=3, 1 skipped" in tables.format_table(table)
+    assert "(n=3, 1 skipped)" in tables.paper_comparison(table).to_string()
