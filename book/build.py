@@ -318,6 +318,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "else <checkout>/results)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device of the results step")
     parser.add_argument("--only", nargs="+", default=[], help="render only notebooks whose name contains these")
+    parser.add_argument("--chapters", type=Path, default=CHAPTERS,
+                        help="where the rendered chapters go (default: book/notebooks, what the HTML build reads)")
     parser.add_argument("--skip-results", action="store_true", help="do not compute: render existing stores")
     parser.add_argument("--skip-render", action="store_true", help="only compute the stores (make results)")
     parser.add_argument("--skip-html", action="store_true", help="only compute and render the notebooks")
@@ -333,6 +335,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = Path(given).expanduser().resolve()
     parameters["results"] = str(results)
     profiles = [p.strip() for p in args.profile.split(",") if p.strip()]
+    job = results / "job.json"
+    if job.is_file():  # stores a GPU job brought back (book/gpu_results.py): render them as they are
+        profiles = json.loads(job.read_text(encoding="utf-8"))["profiles"]
+        args.profile, args.skip_results = ",".join(profiles), True
+        print(f"[book] {results} holds a GPU job's stores ({args.profile}): rendering them", file=sys.stderr)
     try:
         if not args.skip_results:
             spent = compute_results(profiles, parameters, results=results,
@@ -341,7 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.skip_render:
             return 0
         paths = notebook_paths(only=args.only)
-        seconds = run_notebooks(args.profile, parameters, notebooks=paths, log_output=args.log_output)
+        seconds = run_notebooks(args.profile, parameters, notebooks=paths, log_output=args.log_output,
+                                output_dir=args.chapters)
         print(f"[book] rendered {len(seconds)} notebooks in {sum(seconds.values()) / 60:.1f} min", file=sys.stderr)
         if not args.skip_html:
             install_mathjax()

@@ -36,7 +36,7 @@ from .runner import PlannedStudy, planned_studies
 from .store import ResultsStore
 
 __all__ = [
-    "PUBLISHED",
+    "JOB_FILE",
     "BookError",
     "ProfileRun",
     "banner",
@@ -53,12 +53,20 @@ __all__ = [
     "open_profiles",
     "pipeline",
     "provenance_table",
+    "published_dir",
     "rows",
     "weights_text",
 ]
 
-#: Committed stores of real models computed on a GPU (``published/<profile>/``, each with its ``run.json``).
-PUBLISHED = Path(__file__).resolve().parents[1] / "published"
+#: The file a GPU job (``book/gpu_results.py``) writes beside the stores it packs.
+JOB_FILE = "job.json"
+
+
+def published_dir() -> Path:
+    """The committed stores of real models computed on a GPU (``published/<profile>/``, each with its
+    ``run.json``): ``$ISCAM_PUBLISHED`` or ``<checkout>/published``."""
+    env = os.environ.get("ISCAM_PUBLISHED")
+    return Path(env).expanduser() if env else Path(__file__).resolve().parents[1] / "published"
 
 
 class BookError(RuntimeError):
@@ -182,7 +190,7 @@ class ProfileRun:
         from .config import image_seed
         from .methods import reconstruct
 
-        size = (MODELS[self.model].input_size,) * 2
+        size = (self.config.model.input_size or MODELS[self.model].input_size,) * 2
         maps = []
         for row in frame.itertuples(index=False):
             params = json.loads(row.params_key)
@@ -200,7 +208,7 @@ class ProfileRun:
         from PIL import Image
 
         stored = self.store.read(table="images")
-        stored = stored[(stored["model"] == self.model) & (stored["resize"] == self.config.model.resize)]
+        stored = stored[(stored["model"] == self.model) & (stored["resize"] == self.config.model.preprocessing)]
         stored = stored.set_index("file")
         found = {}
         for file in files:
@@ -234,9 +242,24 @@ class ProfileRun:
 
 
 def _published_profiles() -> list[str]:
-    if not PUBLISHED.is_dir():
+    folder = published_dir()
+    if not folder.is_dir():
         return []
-    return sorted(p.name for p in PUBLISHED.iterdir() if (p / "run.json").is_file())
+    return sorted(p.name for p in folder.iterdir() if (p / "run.json").is_file())
+
+
+def _recorded(name: str, out: Path, *, published: bool) -> ProfileRun:
+    """A store read with the config its own ``run.json`` records (a published or brought-back store: it is
+    shown as it was computed, never recomputed here)."""
+    from .config import config_from_dict
+
+    store = ResultsStore(out)
+    record = store.provenance()
+    if record is None:
+        raise BookError(f"the store {out} has no run.json (is {name!r} a store of this folder?)")
+    config = config_from_dict(record["config"])
+    studies = planned_studies(config, store)
+    return ProfileRun(name, config, store, studies, published, str(record.get("command", "")))
 
 
 def open_profiles(profile: str = "quick", *, n_images: int | None = None, N: int | None = None,
@@ -261,6 +284,10 @@ def open_profiles(profile: str = "quick", *, n_images: int | None = None, N: int
     folder = Path(results) if results else results_dir()
     chosen_published = _published_profiles() if published == "auto" else list(published or [])
     runs = []
+    if (folder / JOB_FILE).is_file():  # stores a GPU job brought back: read as they were computed
+        for name in names:
+            runs.append(_recorded(name, _unpack(folder / name), published=False))
+        names = []
     for name in names:
         base = load_config(name)
         changes = _overrides(base, n_images=n_images, N=N, sigma=sigma, seed=seed)
@@ -276,19 +303,10 @@ def open_profiles(profile: str = "quick", *, n_images: int | None = None, N: int
                             + ("" if only is None else f" --only {','.join(only)}") + " (or: make results)")
         studies = planned_studies(config, store, data_root=data_root)
         runs.append(ProfileRun(name, config, store, studies, False, command))
+    shown = {run.profile for run in runs}
     for name in chosen_published:
-        if name in names:
-            continue
-        out = PUBLISHED / name
-        store = ResultsStore(out)
-        record = store.provenance()
-        if record is None:
-            raise BookError(f"published store {out} has no run.json")
-        from .config import config_from_dict
-
-        config = config_from_dict(record["config"])
-        studies = planned_studies(config, store, data_root=data_root)
-        runs.append(ProfileRun(name, config, store, studies, True, str(record.get("command", ""))))
+        if name not in shown:
+            runs.append(_recorded(name, published_dir() / name, published=True))
     for run_ in runs:
         for need in needs:
             if need == "*":
@@ -350,7 +368,7 @@ def pipeline(run: ProfileRun) -> Any:
 
     trace = run.trace()
     image = run.images([trace["file"]])[trace["file"]]["image"]
-    preprocess = preprocess_for(run.model, run.config.model.resize)
+    preprocess = preprocess_for(run.model, run.config.model.resize, run.config.model.input_size)
     return pipeline_view(trace, image, mean=preprocess.mean, std=preprocess.std,
                          category=imagenet_categories()[int(trace["target"])])
 

@@ -89,12 +89,21 @@ class ModelSpec:
     """``name``: an :data:`iscam.models.MODEL_NAMES` entry; ``weights``: ``"default"`` (torchvision's
     ImageNet weights / the Coral file under the data root), ``None`` (random init) or a path;
     ``resize``: ``"crop"`` (Resize(224)+CenterCrop, the authors') or ``"stretch"``; ``target_layer``:
-    ``None`` = the architecture's default (:data:`iscam.layers.DEFAULT_TARGET_LAYERS`)."""
+    ``None`` = the architecture's default (:data:`iscam.layers.DEFAULT_TARGET_LAYERS`); ``input_size``:
+    ``None`` = the model's (224; 128 for the tiny Coral model), or a square side in pixels (e.g. 227, the
+    Deep Compression SqueezeNet's training size, or a small size for quick checks)."""
 
     name: str
     weights: str | None = "default"
     resize: str = "crop"
     target_layer: str | None = None
+    input_size: int | None = None
+
+    @property
+    def preprocessing(self) -> str:
+        """The ``resize`` key column of the rows: ``crop`` / ``stretch``, with ``@<size>`` when the input size
+        is not the model's own (``crop@227``), since the input size changes every number."""
+        return self.resize if self.input_size is None else f"{self.resize}@{self.input_size}"
 
 
 @dataclass(frozen=True)
@@ -351,7 +360,8 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
         raise ConfigError(f"model.target_layer must be a layer name or null, got {layer!r}")
     model = ModelSpec(name=model_raw["name"], weights=weights,
                       resize=_choice(model_raw.get("resize", "crop"), "model.resize", _RESIZES),
-                      target_layer=layer)
+                      target_layer=layer,
+                      input_size=_int(model_raw.get("input_size"), "model.input_size", minimum=8, allow_none=True))
 
     data_raw = raw.get("data") or {}
     if not isinstance(data_raw, Mapping):

@@ -110,6 +110,8 @@ class ModelInfo:
     target_layer: str  #: default CAM layer (dotted ``named_modules`` name)
     in_paper: bool  #: one of the paper's three CNNs
     weights: dict[str, WeightsSource] = field(hash=False)  #: ``weights=`` option -> source; "default" first
+    #: the paper's column its tables are compared with (None: the VGG-16 column, the paper's main CNN)
+    paper_column: str | None = None
 
     @property
     def torchvision_architecture(self) -> bool:
@@ -122,8 +124,8 @@ _TORCHVISION = WeightsSource("torchvision IMAGENET1K_V1", "torchvision")
 MODELS: dict[str, ModelInfo] = {
     info.name: info
     for info in (
-        ModelInfo("vgg16", "VGG-16", 224, "features.29", True, {"default": _TORCHVISION}),
-        ModelInfo("resnet18", "ResNet-18", 224, "layer4", True, {"default": _TORCHVISION}),
+        ModelInfo("vgg16", "VGG-16", 224, "features.29", True, {"default": _TORCHVISION}, "vgg16"),
+        ModelInfo("resnet18", "ResNet-18", 224, "layer4", True, {"default": _TORCHVISION}, "resnet18"),
         ModelInfo(
             "squeezenet1_0",
             "SqueezeNet1.0",
@@ -148,6 +150,7 @@ MODELS: dict[str, ModelInfo] = {
                     ),
                 ),
             },
+            "squeezenet1_0",  # paper_column
         ),
         ModelInfo(
             "squeezenet1_1",
@@ -172,6 +175,7 @@ MODELS: dict[str, ModelInfo] = {
                     ),
                 ),
             },
+            "squeezenet1_0",  # paper_column: the same family; the paper reports SqueezeNet1.0 only
         ),
         ModelInfo(
             "mobilenet_v2_coral",
@@ -369,6 +373,7 @@ def load(
     data_root: str | os.PathLike[str] | None = None,
     device: str | torch.device = "cpu",
     resize: str = "crop",
+    input_size: int | None = None,
 ) -> LoadedModel:
     """Load a model by name (see :data:`MODELS`) with its preprocessing and default target layer.
 
@@ -377,13 +382,15 @@ def load(
     files under the data root, checked by SHA-256), ``None`` (random initialisation; the Coral architectures
     are still read from their file), a torchvision weights enum, or a path: a ``.pth`` state_dict, or for the
     Coral models also a ``.tflite`` file of your own (converted without the SHA-256 check). ``resize``:
-    ``"crop"`` (Resize + CenterCrop, the authors' code) or ``"stretch"`` (plain resize, the paper's text).
+    ``"crop"`` (Resize + CenterCrop, the authors' code) or ``"stretch"`` (plain resize, the paper's text);
+    ``input_size``: the square input side (default: the registry's, 224 or 128).
     """
     info = _info(name)
-    preprocess = Preprocess(info.input_size, resize, IMAGENET_MEAN, IMAGENET_STD)  # validates resize first
+    size = info.input_size if input_size is None else int(input_size)
+    preprocess = Preprocess(size, resize, IMAGENET_MEAN, IMAGENET_STD)  # validates resize first
     model = _load_weights(info, weights, data_root)
     if info.weights["default"].reader == "tflite":
-        preprocess = Preprocess(info.input_size, resize, model.input_mean, model.input_std)
+        preprocess = Preprocess(size, resize, model.input_mean, model.input_std)
     if info.target_layer not in dict(model.named_modules()):  # the registry and an architecture drifted apart
         raise RuntimeError(f"{name}: registered target layer {info.target_layer!r} is not in the model")
     # lets the methods find the layer from the model alone (methods.get(name, model) with no layer)
@@ -401,14 +408,15 @@ def default_target_layer(name: str) -> str:
     return _info(name).target_layer
 
 
-def preprocess_for(name: str, resize: str = "crop") -> Preprocess:
+def preprocess_for(name: str, resize: str = "crop", input_size: int | None = None) -> Preprocess:
     """The preprocessing of ``load(name, "default")`` without loading the model (the Coral files' input
     quantisation is x = q/128 - 1, i.e. mean = std = 128/255, checked when the file is converted)."""
     info = _info(name)
+    size = info.input_size if input_size is None else int(input_size)
     if info.weights["default"].reader == "tflite":
         half = 128.0 / 255.0
-        return Preprocess(info.input_size, resize, (half,) * 3, (half,) * 3)
-    return Preprocess(info.input_size, resize, IMAGENET_MEAN, IMAGENET_STD)
+        return Preprocess(size, resize, (half,) * 3, (half,) * 3)
+    return Preprocess(size, resize, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def weights_source(name: str, weights: Any, *, data_root: str | os.PathLike[str] | None = None) -> Path | str:

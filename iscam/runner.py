@@ -323,7 +323,8 @@ def planned_studies(config: ExperimentConfig, store: ResultsStore | None = None,
     from . import models as iscam_models
     from .paths import optional_data_root
 
-    preprocess = iscam_models.preprocess_for(config.model.name, config.model.resize)
+    preprocess = iscam_models.preprocess_for(config.model.name, config.model.resize,
+                                             config.model.input_size)
     return plan(config, open_images(config, optional_data_root(data_root), preprocess), only=only)
 
 
@@ -599,7 +600,7 @@ def _missing_artifacts(config: ExperimentConfig, planned: PlannedStudy, store: R
     """The figures' input images the store lacks, and the key of Fig. 1's trace if it lacks it."""
     present = set(store.keys("images").itertuples(index=False, name=None))
     images = [(i, f) for i, f in zip(planned.indices, planned.files)
-              if (f, config.model.name, config.model.resize) not in present]
+              if (f, config.model.name, config.model.preprocessing) not in present]
     key = _trace_key(config, planned, fixed)
     if key is not None:
         traces = store.keys("traces")
@@ -618,7 +619,7 @@ def _figure_artifacts(config: ExperimentConfig, planned: PlannedStudy, dataset: 
     rows = []
     for index, file in images:
         sample = dataset[index]
-        rows.append({"file": file, "model": config.model.name, "resize": config.model.resize,
+        rows.append({"file": file, "model": config.model.name, "resize": config.model.preprocessing,
                      "png": _png(dataset.preprocess.denormalize(sample.image)), "label": sample.label,
                      "boxes": sample.boxes.flatten().tolist()})
     if rows:
@@ -693,7 +694,8 @@ def run(config: ExperimentConfig, *, out: str | os.PathLike[str] | None = None,
     dist = _init_distributed(torch_device)
     try:
         root = optional_data_root(data_root)
-        preprocess = iscam_models.preprocess_for(config.model.name, config.model.resize)
+        preprocess = iscam_models.preprocess_for(config.model.name, config.model.resize,
+                                                 config.model.input_size)
         dataset = open_images(config, root, preprocess)
         manifest = dataset.source
         studies = plan(config, dataset, only=only)
@@ -734,7 +736,7 @@ def _run_locked(config: ExperimentConfig, studies: list[PlannedStudy], store: Re
         chunks = [list(planned.indices[i:i + sconfig.batch_size])
                   for i in range(0, len(planned.indices), sconfig.batch_size)]
         for spec in sconfig.methods:
-            fixed = {"model": sconfig.model.name, "weights": weights, "resize": sconfig.model.resize,
+            fixed = {"model": sconfig.model.name, "weights": weights, "resize": sconfig.model.preprocessing,
                      "layer": layer, "precision": sconfig.precision, "method": spec.name,
                      "params_key": sconfig.method_key(spec), "metrics_key": sconfig.metrics.key}
             stamp = provenance.row_stamp(spec.name, model=sconfig.model.name, weights=sconfig.model.weights,
@@ -755,7 +757,7 @@ def _run_locked(config: ExperimentConfig, studies: list[PlannedStudy], store: Re
                              f"({listing} rows; their stamps {', '.join(STAMP_COLUMNS[1:])} differ): rerun with "
                              "--recompute-stale to recompute them, or use another --out")
     missing = sum(len(c) for *_, todo in work for c in todo)
-    setup = {"model": config.model.name, "weights": weights, "resize": config.model.resize, "layer": layer,
+    setup = {"model": config.model.name, "weights": weights, "resize": config.model.preprocessing, "layer": layer,
              "precision": config.precision}
     artifacts = [(p, *_missing_artifacts(config, p, store, setup)) for p in studies if p.study.figures]
     artifacts = [(p, images, key) for p, images, key in artifacts if images or key is not None]
@@ -853,7 +855,7 @@ def _load_model(config: ExperimentConfig, root: Path | None, device: torch.devic
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         loaded = iscam_models.load(config.model.name, config.model.weights, data_root=root, device=str(device),
-                                   resize=config.model.resize)
+                                   resize=config.model.resize, input_size=config.model.input_size)
     model = loaded.model.eval()
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -132,7 +132,7 @@ def _config_keys(parsed: Any) -> dict[str, Any]:
 
     return {"model": parsed.model.name,
             "weights": "none" if parsed.model.weights is None else str(parsed.model.weights),
-            "resize": parsed.model.resize,
+            "resize": parsed.model.preprocessing,
             "layer": parsed.model.target_layer or default_target_layer(parsed.model.name),
             "precision": parsed.precision, "metrics_key": parsed.metrics.key}
 
@@ -264,8 +264,11 @@ def _check_unique(frame: pd.DataFrame) -> None:
 
 
 def _paper(table: str, model: str, metric: str, method: str, paper_model: str | None) -> tuple[float, str]:
+    from .models import MODELS
+
     values = PAPER_VALUES[table]
-    chosen = paper_model or (model if model in values else "vgg16")
+    column = MODELS[model].paper_column if model in MODELS else None
+    chosen = paper_model or (column if column in values else "vgg16")
     if chosen not in values:
         return float("nan"), chosen
     return float(values[chosen].get(metric, {}).get(method, float("nan"))), chosen

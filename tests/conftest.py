@@ -198,3 +198,36 @@ def torchcam_gradcam(model: nn.Module, layer: str, x: Tensor) -> Tensor:
     theirs = F.interpolate(theirs[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     low, high = theirs.amin(dim=(1, 2), keepdim=True), theirs.amax(dim=(1, 2), keepdim=True)
     return (theirs - low) / (high - low)
+
+
+def imagenet_xml(wnid: str, width: int, height: int, boxes: list[tuple[int, int, int, int]], extra: str = "") -> str:
+    """An ``ILSVRC2012_bbox_val_v3`` XML file (PASCAL VOC, 1-based inclusive boxes) for one image."""
+    objects = "".join(
+        f"<object><name>{wnid}</name><pose>Unspecified</pose><truncated>0</truncated><difficult>0</difficult>"
+        f"<bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+        for b in boxes
+    )
+    return (
+        f"<annotation><folder>val</folder><filename>x</filename><source><database>ILSVRC_2012</database>"
+        f"</source><size><width>{width}</width><height>{height}</height><depth>3</depth></size>"
+        f"<segmented>0</segmented>{objects}{extra}</annotation>"
+    )
+
+
+def write_imagenet_layout(root: Path, images: list[tuple[int, tuple[int, int], str, list[tuple[int, ...]]]],
+                          *, seed: int = 0) -> Path:
+    """The official ILSVRC2012 validation layout under ``root``: random-pixel JPEGs
+    ``ILSVRC2012_img_val/ILSVRC2012_val_<number>.JPEG`` and their ``ILSVRC2012_bbox_val_v3/val`` XML, for
+    ``(number, (width, height), wnid, boxes)`` entries. Returns ``root``."""
+    import numpy as np
+    from PIL import Image
+
+    folder, boxes_dir = root / "ILSVRC2012_img_val", root / "ILSVRC2012_bbox_val_v3" / "val"
+    folder.mkdir(parents=True, exist_ok=True)
+    boxes_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for number, (width, height), wnid, boxes in images:
+        name = f"ILSVRC2012_val_{number:08d}"
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / f"{name}.JPEG")
+        (boxes_dir / f"{name}.xml").write_text(imagenet_xml(wnid, width, height, boxes), encoding="utf-8")
+    return root

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import imagenet_xml
 from PIL import Image
 from torchvision import transforms
 
@@ -345,26 +346,13 @@ def test_wnid_list() -> None:
     assert (wnids[472], wnids[260], wnids[133]) == ("n02951358", "n02112137", "n02011460")
 
 
-def _xml(wnid: str, width: int, height: int, boxes: list[tuple[int, int, int, int]], extra: str = "") -> str:
-    objects = "".join(
-        f"<object><name>{wnid}</name><pose>Unspecified</pose><truncated>0</truncated><difficult>0</difficult>"
-        f"<bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
-        for b in boxes
-    )
-    return (
-        f"<annotation><folder>val</folder><filename>x</filename><source><database>ILSVRC_2012</database>"
-        f"</source><size><width>{width}</width><height>{height}</height><depth>3</depth></size>"
-        f"<segmented>0</segmented>{objects}{extra}</annotation>"
-    )
-
-
 def test_read_bbox_xml(tmp_path: Path) -> None:
     other = (
         "<object><name>n99999999</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax>"
         "</bndbox></object>"
     )
     path = _write(
-        tmp_path / "a.xml", _xml("n01443537", 500, 375, [(111, 108, 441, 193), (1, 1, 500, 375)], other)
+        tmp_path / "a.xml", imagenet_xml("n01443537", 500, 375, [(111, 108, 441, 193), (1, 1, 500, 375)], other)
     )
     ann = read_bbox_xml(path)
     assert (ann.width, ann.height, ann.wnid) == (500, 375, "n01443537")
@@ -391,10 +379,10 @@ def _official_layout(root: Path) -> tuple[Path, Path]:
     boxes.mkdir(parents=True)
     _random_image(400, 300, seed=1).save(images / "ILSVRC2012_val_00000001.JPEG")
     _random_image(200, 400, seed=2).save(images / "ILSVRC2012_val_00000002.JPEG")
-    _write(boxes / "ILSVRC2012_val_00000001.xml", _xml("n01443537", 400, 300, [(101, 31, 300, 150)]))
+    _write(boxes / "ILSVRC2012_val_00000001.xml", imagenet_xml("n01443537", 400, 300, [(101, 31, 300, 150)]))
     _write(
         boxes / "ILSVRC2012_val_00000002.xml",
-        _xml("n15075141", 200, 400, [(51, 151, 150, 250), (1, 1, 20, 20)]),
+        imagenet_xml("n15075141", 200, 400, [(51, 151, 150, 250), (1, 1, 20, 20)]),
     )
     return images, boxes
 
@@ -426,7 +414,7 @@ def test_imagenet_val_dataset_errors(tmp_path: Path) -> None:
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no ILSVRC2012_val_"):
         ImageNetValDataset(empty, boxes, Preprocess())
-    _write(boxes / "ILSVRC2012_val_00000002.xml", _xml("n00000000", 200, 400, [(1, 1, 5, 5)]))
+    _write(boxes / "ILSVRC2012_val_00000002.xml", imagenet_xml("n00000000", 200, 400, [(1, 1, 5, 5)]))
     dataset = ImageNetValDataset(images, boxes, Preprocess())
     with pytest.raises(ValueError, match="not one of the 1000"):
         dataset[1]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import write_imagenet_layout
 
 from iscam.data import ManifestDataset, Preprocess
 
@@ -112,31 +112,13 @@ def test_select_paper_images_synset_labels(tmp_path: Path) -> None:
     assert both.returncode == 2 and "not allowed with" in both.stderr
 
 
-def _xml(wnid: str, width: int, height: int, boxes: list[tuple[int, int, int, int]]) -> str:
-    objects = "".join(
-        f"<object><name>{wnid}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
-        f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
-        for b in boxes
-    )
-    return f"<annotation><size><width>{width}</width><height>{height}</height></size>{objects}</annotation>"
-
-
 @pytest.fixture
 def imagenet_root(tmp_path: Path) -> Path:
-    images, boxes = tmp_path / "ILSVRC2012_img_val", tmp_path / "ILSVRC2012_bbox_val_v3" / "val"
-    images.mkdir(parents=True)
-    boxes.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for number, (w, h), wnid, box in [
+    return write_imagenet_layout(tmp_path, [
         (7195, (400, 300), "n01443537", [(101, 31, 300, 150)]),
         (40051, (200, 400), "n15075141", [(51, 151, 150, 250), (1, 1, 20, 20)]),
         (3, (64, 64), "n01440764", [(1, 1, 64, 64)]),
-    ]:
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
-            images / f"ILSVRC2012_val_{number:08d}.JPEG"
-        )
-        (boxes / f"ILSVRC2012_val_{number:08d}.xml").write_text(_xml(wnid, w, h, box))
-    return tmp_path
+    ])
 
 
 def test_imagenet_to_manifest(imagenet_root: Path, tmp_path: Path) -> None:
