@@ -25,7 +25,8 @@ from iscam.config import (
 from iscam.store import params_key
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = ("paper-vgg16", "paper-resnet18", "paper-squeezenet", "smoke", "quick", "mobilenet")
+SHIPPED = ("paper-vgg16", "paper-resnet18", "paper-squeezenet", "smoke", "quick", "mobilenet", "squeezenet",
+           "squeezenet11")
 
 # --------------------------------------------------------------------------------------------------
 # configs
@@ -43,7 +44,8 @@ def test_shipped_configs_validate_and_run_every_method_with_the_random_baseline(
 
 
 def test_paper_configs_use_the_documented_n_and_sigma() -> None:
-    for name in ("paper-vgg16", "paper-resnet18", "paper-squeezenet", "quick", "mobilenet"):
+    for name in ("paper-vgg16", "paper-resnet18", "paper-squeezenet", "quick", "mobilenet", "squeezenet",
+                 "squeezenet11"):
         config = load_config(name)
         params = {m.name: dict(m.params) for m in config.methods}
         assert params["iscam"] == {"N": 10, "schedule": "authors"}
@@ -53,6 +55,11 @@ def test_paper_configs_use_the_documented_n_and_sigma() -> None:
     assert load_config("paper-resnet18").model.name == "resnet18"
     assert load_config("paper-squeezenet").model.name == "squeezenet1_0"
     assert load_config("quick").data.num_images == 100
+    # the offline SqueezeNets: the paper's 1.0 with Deep Compression weights, 1.1 with torchvision's (ncnn copy)
+    assert (load_config("squeezenet").model.name, load_config("squeezenet").model.weights) == (
+        "squeezenet1_0", "deepcompression")
+    assert (load_config("squeezenet11").model.name, load_config("squeezenet11").model.weights) == (
+        "squeezenet1_1", "ncnn")
 
 
 def test_overrides_are_dotted_yaml_values() -> None:
