@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 log = logging.getLogger("iscam.cli")
 
@@ -170,8 +170,6 @@ def _command_table(args: argparse.Namespace) -> int:
 
 
 def _command_explain(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from .config import parse_override
     from .explain import explain
 
@@ -181,13 +179,14 @@ def _command_explain(args: argparse.Namespace) -> int:
         params[".".join(path)] = value
     result = explain(args.image, model=args.model, method=args.method, out=args.out, N=args.N, params=params,
                      target=args.target, weights=args.weights, data_root=args.data_root, device=args.device,
-                     alpha=args.alpha, seed=args.seed, target_layer=args.target_layer)
+                     alpha=args.alpha, seed=args.seed, target_layer=args.target_layer,
+                     saliency_out=args.save_saliency)
     print(f"{args.image}: top-5 classes ({args.model})")
     for rank, (index, name, probability) in enumerate(result.top5, start=1):
         print(f"  {rank}. {index:4d} {name:<30s} {probability:.4f}")
     print(f"explained class {result.target} with {args.method}: wrote {result.out}")
     if args.save_saliency is not None:
-        np.save(args.save_saliency, result.saliency.numpy())
+        print(f"saved the map ({result.saliency.shape[0]}x{result.saliency.shape[1]}) to {args.save_saliency}")
     return 0
 
 
@@ -212,14 +211,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"run": _command_run, "table": _command_table, "explain": _command_explain,
                 "compact": _command_compact}
     from .config import ConfigError
+    from .data import DataSourceError, ManifestError, UnreadableImageError
     from .explain import ExplainError
     from .layers import LayerNotFoundError
     from .paths import DataRootError
     from .store import StoreError
     from .tables import TableError
 
-    user_errors: tuple[type[BaseException], ...] = (_UserError, ConfigError, DataRootError, StoreError, TableError,
-                                                    ExplainError, LayerNotFoundError)
+    user_errors: tuple[type[BaseException], ...] = (
+        _UserError, ConfigError, DataRootError, StoreError, TableError, ExplainError, LayerNotFoundError,
+        ManifestError, DataSourceError, UnreadableImageError)
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
@@ -234,7 +235,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Unknown model/method names, bad files, unwritable folders surface as these from the library modules.
         if args.debug:
             raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        if isinstance(error, KeyError) and error.args:
+            message: object = error.args[0]
+        elif isinstance(error, OSError) and error.strerror and error.filename is None:
+            message = error.strerror  # OSError(errno, "cannot write PATH: reason"): without "[Errno n]"
+        else:
+            message = error
         print(f"iscam {args.command}: error: {message} (rerun with --debug for the traceback)", file=sys.stderr)
         return EXIT_USAGE
 
