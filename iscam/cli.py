@@ -99,19 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--seed", type=int, default=0, help="seed for stochastic methods")
     explain.add_argument("--save-saliency", type=Path, metavar="NPY", help="also save the map as a .npy array")
 
-    claims = commands.add_parser("claims", help="judge the paper's claims on a results store (paired bootstrap)",
-                                 description="Check each quantitative claim of the paper on the rows of one "
-                                 "config, paired by image; the whole store serves as the N sweep.")
+    claims = commands.add_parser(
+        "claims", help="judge the paper's claims on a results store (paired bootstrap)",
+        description="Check each quantitative claim of the paper on the rows of one config, paired by image; "
+        "the whole store serves as the N sweep.")
     claims.add_argument("results", type=Path, help="results folder written by 'iscam run'")
-    claims.add_argument("--config", help="select the rows of this config (default: the latest run's, from run.json)")
+    claims.add_argument("--config",
+                        help="select the rows of this config (default: the latest run's, from run.json)")
     claims.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override the selecting config, e.g. --set methods.iscam.N=15")
     claims.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples (default 10000)")
     claims.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    claims.add_argument("--margin", type=float, help="equivalence margin of the 'close to' / 'ties' claims, in "
-                        "percentage points (default: each claim's, 1 point)")
-    claims.add_argument("--data-root", type=Path, help="where the manifest is, when the store's records do not "
-                        "list the images of the selected config (default: $ISCAM_DATA)")
+    claims.add_argument("--margin", type=float, help="equivalence margin of the 'close to' / 'ties' claims, "
+                        "in percentage points (default: each claim's, 1 point)")
+    claims.add_argument("--data-root", type=Path, help="where the manifest is, when the store's records do "
+                        "not list the images of the selected config (default: $ISCAM_DATA)")
 
     compact = commands.add_parser("compact", help="merge a store's parts into one results.parquet")
     compact.add_argument("results", type=Path)
@@ -149,7 +151,8 @@ def _command_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _table_config(args: argparse.Namespace, record: dict | None, extra: Sequence[str] = ()) -> ExperimentConfig:
+def _table_config(args: argparse.Namespace, record: dict | None,
+                  extra: Sequence[str] = ()) -> ExperimentConfig:
     from .config import apply_overrides, config_from_dict, load_config
 
     overrides = [*args.overrides, *extra]
@@ -161,9 +164,9 @@ def _table_config(args: argparse.Namespace, record: dict | None, extra: Sequence
 
 
 def _run_command(args: argparse.Namespace, record: dict | None, extra: Sequence[str] = ()) -> str:
-    """The ``iscam run`` command that computes the base rows ``iscam table``/``claims`` with ``args`` read: the
-    latest run's command (or ``--config``), with ``--out`` the folder read now, the reader's ``--set`` s, and
-    ``--only base`` (the rows the tables are made of) in place of the run's ``--only``."""
+    """The ``iscam run`` command that computes the base rows ``iscam table``/``claims`` read with ``args``:
+    the latest run's command (or ``--config``), with ``--out`` the folder read now, the reader's ``--set`` s
+    and ``--only base`` (the rows the tables are made of) in place of the run's ``--only``."""
     if args.config:
         words = ["iscam", "run", args.config]
     elif record is not None and isinstance(record.get("command"), str):
@@ -216,7 +219,8 @@ def _read_selection(args: argparse.Namespace, extra: Sequence[str] = (), frame: 
     store = ResultsStore(args.results)
     if frame is None:
         if not store.exists():
-            raise _UserError(f"no results in {args.results} (run 'iscam run CONFIG --out {args.results}' first)")
+            raise _UserError(f"no results in {args.results} "
+                             f"(run 'iscam run CONFIG --out {args.results}' first)")
         record = store.provenance()
         frame = store.read(curves=False, maps=False)
     config = _table_config(args, record, extra)
@@ -258,7 +262,8 @@ def _other_setups(args: argparse.Namespace, read: _Read) -> list[str]:
         try:
             other = _read_selection(args, extra, frame=frame, record=read.record)
         except (_UserError, TableError, ValueError, OSError):
-            lines.append(f"also in the store: {len(group)} rows with {what} (not every method of this config)")
+            lines.append(f"also in the store: {len(group)} rows with {what} "
+                         "(not every method of this config)")
             continue
         lines.append(f"also in the store: {len(group)} rows with {what}; read them with: "
                      f"{_table_command(args, extra)}" + ("" if other.chosen.complete else " (incomplete)"))
@@ -293,7 +298,8 @@ def _command_table(args: argparse.Namespace) -> int:
               "table_ii": "TABLE II. Average Drop (%) / Increase in Confidence (%)",
               "win": "Win % of IS-CAM (higher is better)",
               "table_iii": "TABLE III. Energy-based pointing game (%)"}
-    made = tables.all_tables(read.chosen.frame, n_boot=args.n_boot, seed=args.seed, paper_model=args.paper_model)
+    made = tables.all_tables(read.chosen.frame, n_boot=args.n_boot, seed=args.seed,
+                             paper_model=args.paper_model)
     for key, table in made.items():
         print()
         print(tables.format_table(table, title=f"{titles[key]}   [{tables.PAPER_SOURCES[key]}]"))
@@ -329,7 +335,8 @@ def _command_explain(args: argparse.Namespace) -> int:
         print(f"  {rank}. {index:4d} {name:<30s} {probability:.4f}")
     print(f"explained class {result.target} with {args.method}: wrote {result.out}")
     if args.save_saliency is not None:
-        print(f"saved the map ({result.saliency.shape[0]}x{result.saliency.shape[1]}) to {args.save_saliency}")
+        height, width = result.saliency.shape
+        print(f"saved the map ({height}x{width}) to {args.save_saliency}")
     return 0
 
 

@@ -405,7 +405,8 @@ class ResultsStore:
     def check_writable(self) -> None:
         """Fail now, naming the folder, if the store cannot be written (before any work is done)."""
         if self.folder.exists() and not self.folder.is_dir():
-            raise StoreError(f"the results folder {self.folder} is a file, not a folder: choose another folder")
+            raise StoreError(f"the results folder {self.folder} is a file, not a folder: "
+                             "choose another folder")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.folder, prefix=".probe.", suffix=_TMP_SUFFIX):

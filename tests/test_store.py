@@ -60,7 +60,7 @@ def test_newer_rows_win_and_a_killed_compaction_leaves_only_duplicates(tmp_path:
 
 
 def test_a_row_recomputed_by_rank_0_wins_over_the_stale_row_rank_1_wrote_earlier(tmp_path: Path) -> None:
-    """Newer rows win by write time, whatever rank wrote them ("part-r001-..." sorts after "part-r000-...")."""
+    """Newer rows win by write time, whatever rank wrote them ("part-r001-..." sorts after "part-r000-")."""
     ResultsStore(tmp_path, rank=1).write_part(_rows(["a", "b"], value=0.25))  # a torchrun worker, earlier
     ResultsStore(tmp_path, rank=0).write_part(_rows(["a"], value=0.75))  # --recompute-stale in one process
     assert ResultsStore(tmp_path).read().set_index("file")["o"].to_dict() == {"a": 0.75, "b": 0.25}
@@ -154,7 +154,8 @@ def test_the_lock_keeps_a_second_writer_and_compact_out(tmp_path: Path) -> None:
     try:
         assert ready.wait(60)
         store = ResultsStore(tmp_path)
-        with pytest.raises(StoreBusyError, match=r"in use by pid \d+: iscam run smoke"), store.lock(wait=False):
+        busy = pytest.raises(StoreBusyError, match=r"in use by pid \d+: iscam run smoke")
+        with busy, store.lock(wait=False):
             pass
         with pytest.raises(StoreBusyError):
             store.compact()

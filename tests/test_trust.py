@@ -96,7 +96,9 @@ def planned_files(folder: Path) -> list[str]:
 def merged(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> Path:
     """Two runs into one folder: 8 images, then the config's own 4 (12 images in the store)."""
     out = tmp_path_factory.mktemp("merged") / "S"
-    assert cli.main(["run", "smoke", "--out", str(out), "--set", "data.num_images=8", *FAST, *BASE, *CPU]) == 0
+    assert (
+        cli.main(["run", "smoke", "--out", str(out), "--set", "data.num_images=8", *FAST, *BASE, *CPU]) == 0
+    )
     assert cli.main(["run", "smoke", "--out", str(out), *FAST, *BASE, *CPU]) == 0
     return out
 
@@ -105,7 +107,9 @@ def merged(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> Path:
 def scored(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> Path:
     """Grad-CAM, Score-CAM, IS-CAM (N=2) and the random baseline on 2 images."""
     out = tmp_path_factory.mktemp("scored") / "S"
-    assert cli.main(["run", "smoke", "--out", str(out), "--set", "data.num_images=2", *SCORED, *BASE, *CPU]) == 0
+    assert (
+        cli.main(["run", "smoke", "--out", str(out), "--set", "data.num_images=2", *SCORED, *BASE, *CPU]) == 0
+    )
     return out
 
 
@@ -113,7 +117,9 @@ def scored(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> Path:
 def small(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> Path:
     """Grad-CAM and the random baseline on 2 images."""
     out = tmp_path_factory.mktemp("small") / "S"
-    assert cli.main(["run", "smoke", "--out", str(out), "--set", "data.num_images=2", *FAST, *BASE, *CPU]) == 0
+    assert (
+        cli.main(["run", "smoke", "--out", str(out), "--set", "data.num_images=2", *FAST, *BASE, *CPU]) == 0
+    )
     return out
 
 
@@ -127,7 +133,10 @@ def copy_of(store: Path, tmp_path: Path) -> Path:
 # 1. Tables say exactly what they tabulate
 # --------------------------------------------------------------------------------------------------
 
-def test_merged_runs_in_one_folder_tabulate_the_configs_images(merged: Path, capsys: pytest.CaptureFixture) -> None:
+
+def test_merged_runs_in_one_folder_tabulate_the_configs_images(
+    merged: Path, capsys: pytest.CaptureFixture
+) -> None:
     frame = ResultsStore(merged).read()
     assert frame["file"].nunique() == 12  # 8 + 4 images in the folder ...
     status, out, _ = run_cli(capsys, "table", merged, "--n-boot", "50")
@@ -143,11 +152,16 @@ def test_merged_runs_in_one_folder_tabulate_the_configs_images(merged: Path, cap
 
 
 def test_a_deleted_part_prints_the_paired_incomplete_notice_whose_command_completes_the_store(
-        merged: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    merged: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     store = copy_of(merged, tmp_path)
     files = planned_files(store)
-    deleted = [p for p in parts(store) if set(pq.read_table(p, columns=["method", "file"]).to_pandas()
-                                              .itertuples(index=False, name=None)) <= {("gradcam", f) for f in files}]
+    deleted = [
+        p
+        for p in parts(store)
+        if set(pq.read_table(p, columns=["method", "file"]).to_pandas().itertuples(index=False, name=None))
+        <= {("gradcam", f) for f in files}
+    ]
     assert len(deleted) == 2  # the config's 4 images in 2 batches of 2
     lost = sorted(pq.read_table(deleted[0], columns=["file"]).to_pandas()["file"])
     deleted[0].unlink()
@@ -166,7 +180,8 @@ def test_a_deleted_part_prints_the_paired_incomplete_notice_whose_command_comple
 
 
 def test_a_table_of_rows_the_store_lacks_is_an_error_naming_them_and_the_command(
-        scored: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    scored: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     store = copy_of(scored, tmp_path)
     status, _, err = run_cli(capsys, "table", store, "--set", "methods.iscam.N=3")
     assert status == 2
@@ -200,7 +215,8 @@ def _header_setup(printed: str) -> tuple[str, str]:
 
 
 def test_a_store_of_several_layers_and_precisions_lists_each_with_a_command_that_tabulates_it(
-        setups: Path, capsys: pytest.CaptureFixture) -> None:
+    setups: Path, capsys: pytest.CaptureFixture
+) -> None:
     frame = ResultsStore(setups).read()
     status, out, _ = run_cli(capsys, "table", setups, "--n-boot", "50")
     assert status == 0 and _header_setup(out) == ("features.2", "bf16")  # the latest run's setup
@@ -216,7 +232,9 @@ def test_a_store_of_several_layers_and_precisions_lists_each_with_a_command_that
         assert status == 0, again
         layer, precision = _header_setup(again)
         wanted.discard((layer, precision))
-        rows = frame[(frame["layer"] == layer) & (frame["precision"] == precision) & (frame["method"] == "gradcam")]
+        rows = frame[
+            (frame["layer"] == layer) & (frame["precision"] == precision) & (frame["method"] == "gradcam")
+        ]
         assert len(rows) == 2 and f"{100 * rows['insertion_auc'].mean():.2f} [" in again
         assert set().union(*table_counts(again).values()) == {2}
     assert wanted == set()
@@ -224,7 +242,8 @@ def test_a_store_of_several_layers_and_precisions_lists_each_with_a_command_that
 
 @pytest.mark.parametrize("narrowed", ["layer", "precision"])
 def test_the_message_that_suggests_narrowing_gives_a_command_that_works(
-        setups: Path, capsys: pytest.CaptureFixture, narrowed: str) -> None:
+    setups: Path, capsys: pytest.CaptureFixture, narrowed: str
+) -> None:
     frame = ResultsStore(setups).read(curves=False, maps=False)
     other = "precision" if narrowed == "layer" else "layer"
     mixed = frame[frame[other] == ("fp32" if other == "precision" else "features.2")]
@@ -242,8 +261,10 @@ def test_the_message_that_suggests_narrowing_gives_a_command_that_works(
 # 2. Resume never mixes incompatible rows
 # --------------------------------------------------------------------------------------------------
 
+
 def test_rows_of_another_algorithm_version_stop_the_run_until_recompute_stale(
-        small: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    small: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from iscam.methods import METHODS
 
     store = copy_of(small, tmp_path)
@@ -258,17 +279,23 @@ def test_rows_of_another_algorithm_version_stop_the_run_until_recompute_stale(
     assert status == 0 and "2 rows computed" in out and "recomputed 2 stale row(s)" in out
     frame = ResultsStore(store).read()
     assert set(frame.loc[frame["method"] == "gradcam", "algorithm_version"]) == {
-        METHODS["gradcam"].algorithm_version}
+        METHODS["gradcam"].algorithm_version
+    }
     status, _, _ = run_cli(capsys, *command)
     assert status == 0  # the recomputed rows are current
 
 
 def test_a_part_with_another_stamp_is_recomputed_and_the_table_uses_only_the_new_rows(
-        small: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    small: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     store = copy_of(small, tmp_path)
     frame = ResultsStore(store).read()
     good = frame.loc[frame["method"] == "gradcam", "insertion_auc"].to_numpy()
-    (old,) = [p for p in parts(store) if set(pq.read_table(p, columns=["method"]).to_pandas()["method"]) == {"gradcam"}]
+    (old,) = [
+        p
+        for p in parts(store)
+        if set(pq.read_table(p, columns=["method"]).to_pandas()["method"]) == {"gradcam"}
+    ]
     rows = pq.read_table(old).to_pandas()
     rows["algorithm_version"] = 0  # computed by an older version of Grad-CAM, with other numbers
     rows["insertion_auc"] = 0.999
@@ -288,6 +315,7 @@ def test_a_part_with_another_stamp_is_recomputed_and_the_table_uses_only_the_new
 # 3. Validate before computing
 # --------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def model_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The names of the models loaded from now on (a run that fails up front loads none)."""
@@ -299,14 +327,18 @@ def model_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return loads
 
 
-@pytest.mark.parametrize(("override", "named"), [
-    ("methods.iscam.N=abc", "N must be a positive int, got 'abc'"),
-    ("methods.iscam.N=2.0", "N must be a positive int, got 2.0"),
-    ("methods.iscam.N=0", "N must be positive, got 0"),
-    ("methods.iscam.NN=3", "method 'iscam' has no parameter 'NN'"),
-])
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("methods.iscam.N=abc", "N must be a positive int, got 'abc'"),
+        ("methods.iscam.N=2.0", "N must be a positive int, got 2.0"),
+        ("methods.iscam.N=0", "N must be positive, got 0"),
+        ("methods.iscam.NN=3", "method 'iscam' has no parameter 'NN'"),
+    ],
+)
 def test_a_bad_method_parameter_is_one_line_before_any_model_load_or_part(
-        tmp_path: Path, capsys: pytest.CaptureFixture, model_loads: list[str], override: str, named: str) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture, model_loads: list[str], override: str, named: str
+) -> None:
     out = tmp_path / "S"
     status, stdout, err = run_cli(capsys, "run", "smoke", "--out", out, "--set", override, *CPU)
     assert status == 2 and stdout == ""
@@ -328,12 +360,26 @@ def _write_manifest(path: Path, rows: list[dict[str, str]]) -> Path:
 
 
 def test_a_bad_manifest_row_is_named_by_file_and_line_and_skip_reports_the_count(
-        tmp_path: Path, capsys: pytest.CaptureFixture, assets: Path, model_loads: list[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture, assets: Path, model_loads: list[str]
+) -> None:
     good = _sample_rows(assets, 2)
-    manifest = _write_manifest(tmp_path / "mine.csv", [
-        good[0], {**good[1], "label": "1000"}, {**good[1], "file": "x.JPEG", "width": "0"}])
-    command = ["run", "smoke", "--out", tmp_path / "S", "--set", f"data.manifest={manifest}", "--set",
-               f"data.image_dir={assets / SAMPLE}", *FAST, *BASE, *CPU]
+    manifest = _write_manifest(
+        tmp_path / "mine.csv",
+        [good[0], {**good[1], "label": "1000"}, {**good[1], "file": "x.JPEG", "width": "0"}],
+    )
+    command = [
+        "run",
+        "smoke",
+        "--out",
+        tmp_path / "S",
+        "--set",
+        f"data.manifest={manifest}",
+        "--set",
+        f"data.image_dir={assets / SAMPLE}",
+        *FAST,
+        *BASE,
+        *CPU,
+    ]
     status, _, err = run_cli(capsys, *command)
     assert status == 2 and "Traceback" not in err and model_loads == []
     assert f"manifest {manifest}: 2 bad row(s) of 3" in err
@@ -345,19 +391,40 @@ def test_a_bad_manifest_row_is_named_by_file_and_line_and_skip_reports_the_count
     assert sorted(ResultsStore(tmp_path / "S").read()["file"].unique()) == [good[0]["file"]]
 
 
-def test_no_row_stores_a_nan_pointing_value(tmp_path: Path, capsys: pytest.CaptureFixture, assets: Path) -> None:
+def test_no_row_stores_a_nan_pointing_value(
+    tmp_path: Path, capsys: pytest.CaptureFixture, assets: Path
+) -> None:
     """An image without boxes and one whose only box falls outside the centre crop: null plus the reason."""
     (row,) = _sample_rows(assets, 1)
     wide = Image.open(assets / SAMPLE / row["file"]).convert("RGB").resize((256, 128))
     wide.save(tmp_path / "no_boxes.png")
     wide.save(tmp_path / "cropped_away.png")
     # 256x128 -> crop keeps columns 64..192: the box 0..20 is inside the image but outside the crop
-    manifest = _write_manifest(tmp_path / "wide.csv", [
-        {"file": "no_boxes.png", "label": row["label"], "width": "256", "height": "128", "boxes": ""},
-        {"file": "cropped_away.png", "label": row["label"], "width": "256", "height": "128", "boxes": "0 0 20 128"},
-    ])
-    status, _, _ = run_cli(capsys, "run", "smoke", "--out", tmp_path / "S", "--set", f"data.manifest={manifest}",
-                           *FAST, *BASE, *CPU)
+    manifest = _write_manifest(
+        tmp_path / "wide.csv",
+        [
+            {"file": "no_boxes.png", "label": row["label"], "width": "256", "height": "128", "boxes": ""},
+            {
+                "file": "cropped_away.png",
+                "label": row["label"],
+                "width": "256",
+                "height": "128",
+                "boxes": "0 0 20 128",
+            },
+        ],
+    )
+    status, _, _ = run_cli(
+        capsys,
+        "run",
+        "smoke",
+        "--out",
+        tmp_path / "S",
+        "--set",
+        f"data.manifest={manifest}",
+        *FAST,
+        *BASE,
+        *CPU,
+    )
     assert status == 0
     table = pq.read_table(parts(tmp_path / "S"))
     pointing = table.column("pointing")
@@ -368,24 +435,56 @@ def test_no_row_stores_a_nan_pointing_value(tmp_path: Path, capsys: pytest.Captu
     assert frame[["y", "o", "insertion_auc", "deletion_auc"]].notna().all().all()
 
 
-@pytest.mark.xfail(strict=True, reason="needs the runner patch in the report (an image whose boxes all fall "
-                   "outside the crop is reported as one without boxes)")
-def test_a_box_outside_the_crop_is_reported_as_such(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                     assets: Path) -> None:
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs the runner patch in the report (an image whose boxes all fall "
+    "outside the crop is reported as one without boxes)",
+)
+def test_a_box_outside_the_crop_is_reported_as_such(
+    tmp_path: Path, capsys: pytest.CaptureFixture, assets: Path
+) -> None:
     (row,) = _sample_rows(assets, 1)
     Image.open(assets / SAMPLE / row["file"]).convert("RGB").resize((256, 128)).save(tmp_path / "wide.png")
-    manifest = _write_manifest(tmp_path / "wide.csv", [
-        {"file": "wide.png", "label": row["label"], "width": "256", "height": "128", "boxes": "0 0 20 128"}])
-    assert run_cli(capsys, "run", "smoke", "--out", tmp_path / "S", "--set", f"data.manifest={manifest}",
-                   "--set", "methods=[gradcam]", *BASE, *CPU)[0] == 0
+    manifest = _write_manifest(
+        tmp_path / "wide.csv",
+        [{"file": "wide.png", "label": row["label"], "width": "256", "height": "128", "boxes": "0 0 20 128"}],
+    )
+    assert (
+        run_cli(
+            capsys,
+            "run",
+            "smoke",
+            "--out",
+            tmp_path / "S",
+            "--set",
+            f"data.manifest={manifest}",
+            "--set",
+            "methods=[gradcam]",
+            *BASE,
+            *CPU,
+        )[0]
+        == 0
+    )
     assert set(ResultsStore(tmp_path / "S").read()["pointing_skip"]) == {"every box outside the crop"}
 
 
-def test_a_run_that_reads_no_image_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture, assets: Path) -> None:
+def test_a_run_that_reads_no_image_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture, assets: Path
+) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    status, _, err = run_cli(capsys, "run", "smoke", "--out", tmp_path / "S", "--set", f"data.image_dir={empty}",
-                             *FAST, *BASE, *CPU)
+    status, _, err = run_cli(
+        capsys,
+        "run",
+        "smoke",
+        "--out",
+        tmp_path / "S",
+        "--set",
+        f"data.image_dir={empty}",
+        *FAST,
+        *BASE,
+        *CPU,
+    )
     assert status == 2
     one_line_error(err, "none of the 300 images of", f"is in {empty}", "check data.image_dir")
     garbage = tmp_path / "garbage"  # every file there, none an image
@@ -394,8 +493,20 @@ def test_a_run_that_reads_no_image_exits_2(tmp_path: Path, capsys: pytest.Captur
     for row in rows:
         (garbage / row["file"]).write_bytes(b"not a JPEG")
     manifest = _write_manifest(tmp_path / "two.csv", rows)
-    status, _, err = run_cli(capsys, "run", "smoke", "--out", tmp_path / "G", "--set", f"data.manifest={manifest}",
-                             "--set", f"data.image_dir={garbage}", *FAST, *BASE, *CPU)
+    status, _, err = run_cli(
+        capsys,
+        "run",
+        "smoke",
+        "--out",
+        tmp_path / "G",
+        "--set",
+        f"data.manifest={manifest}",
+        "--set",
+        f"data.image_dir={garbage}",
+        *FAST,
+        *BASE,
+        *CPU,
+    )
     assert status == 2 and "Traceback" not in err
     assert f"no image of {manifest} could be read (from {garbage})" in err
     assert not parts(tmp_path / "G")
@@ -404,6 +515,7 @@ def test_a_run_that_reads_no_image_exits_2(tmp_path: Path, capsys: pytest.Captur
 # --------------------------------------------------------------------------------------------------
 # 4. Concurrent use is safe (6 concurrent history writers, and compact beside a writer: tests/test_store.py)
 # --------------------------------------------------------------------------------------------------
+
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
@@ -419,22 +531,37 @@ def _computed(stdout: str) -> int:
 
 
 def test_two_runs_on_one_store_wait_for_each_other_and_compute_each_row_once(
-        tmp_path: Path, capsys: pytest.CaptureFixture, assets: Path) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture, assets: Path
+) -> None:
     """Both runs start while the store is locked (by this test, standing in for a first run): each says it
     waits; once the lock is released one computes, the other computes only what is left. The test waits
     for states (the "waiting" line of each), never for a time."""
     out = tmp_path / "S"
     first_images = ["--set", "data.seed=null", *FAST, *BASE, *CPU]  # the manifest's first images
-    commands = [[sys.executable, "-m", "iscam", "run", "smoke", "--out", str(out), "--set", f"data.num_images={n}",
-                 *first_images] for n in (2, 3)]
+    commands = [
+        [
+            sys.executable,
+            "-m",
+            "iscam",
+            "run",
+            "smoke",
+            "--out",
+            str(out),
+            "--set",
+            f"data.num_images={n}",
+            *first_images,
+        ]
+        for n in (2, 3)
+    ]
     store = ResultsStore(out)
     processes = []
     with store.lock(owner="the test"):
         status, _, err = run_cli(capsys, "run", "smoke", "--out", out, "--no-wait", *first_images)
         assert status == 2 and f"is in use by pid {os.getpid()}: the test" in one_line_error(err)
         for command in commands:
-            process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       text=True)
+            process = subprocess.Popen(
+                command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
             processes.append(process)
             seen = []
             for line in process.stderr:  # blocks until the run reaches the lock (or exits)
@@ -453,12 +580,24 @@ def test_two_runs_on_one_store_wait_for_each_other_and_compute_each_row_once(
 
 
 def test_a_second_run_that_will_not_wait_is_refused_naming_the_holder(
-        small: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    small: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     store = copy_of(small, tmp_path)
     before = parts(store)
     with ResultsStore(store).lock(owner="iscam run smoke --out S"):
-        status, _, err = run_cli(capsys, "run", "smoke", "--out", store, "--no-wait", "--set", "data.num_images=3",
-                                 *FAST, *BASE, *CPU)
+        status, _, err = run_cli(
+            capsys,
+            "run",
+            "smoke",
+            "--out",
+            store,
+            "--no-wait",
+            "--set",
+            "data.num_images=3",
+            *FAST,
+            *BASE,
+            *CPU,
+        )
         assert status == 2
         one_line_error(err, f"{store} is in use by pid {os.getpid()}: iscam run smoke --out S")
         status, _, err = run_cli(capsys, "compact", store)
@@ -470,6 +609,7 @@ def test_a_second_run_that_will_not_wait_is_refused_naming_the_holder(
 # 5. Files are ordinary files
 # --------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def umask_022() -> Iterator[None]:
     old = os.umask(0o022)
@@ -478,39 +618,78 @@ def umask_022() -> Iterator[None]:
 
 
 def _modes(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(folder)): stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*") if p.is_file()
+    }
 
 
-def test_every_file_of_a_store_honours_the_umask(tmp_path: Path, capsys: pytest.CaptureFixture, assets: Path,
-                                                 umask_022: None) -> None:
+def test_every_file_of_a_store_honours_the_umask(
+    tmp_path: Path, capsys: pytest.CaptureFixture, assets: Path, umask_022: None
+) -> None:
     out = tmp_path / "S"
-    assert run_cli(capsys, "run", "smoke", "--out", out, "--set", "data.num_images=1", *FAST, "--only",
-                   "base,figures", "--compact", *CPU)[0] == 0
+    assert (
+        run_cli(
+            capsys,
+            "run",
+            "smoke",
+            "--out",
+            out,
+            "--set",
+            "data.num_images=1",
+            *FAST,
+            "--only",
+            "base,figures",
+            "--compact",
+            *CPU,
+        )[0]
+        == 0
+    )
     modes = _modes(out)
     assert {"run.json", "runs.jsonl", ".lock"} <= set(modes)
-    assert any(name.startswith("results-") for name in modes) and any(name.startswith("images-") for name in modes)
+    assert any(name.startswith("results-") for name in modes) and any(
+        name.startswith("images-") for name in modes
+    )
     assert set(modes.values()) == {0o644}, modes
     os.umask(0o027)
-    assert run_cli(capsys, "run", "smoke", "--out", out, "--set", "data.num_images=2", *FAST, *BASE, *CPU)[0] == 0
+    assert (
+        run_cli(capsys, "run", "smoke", "--out", out, "--set", "data.num_images=2", *FAST, *BASE, *CPU)[0]
+        == 0
+    )
     newer = {name: mode for name, mode in _modes(out).items() if name not in modes}
     assert newer and set(newer.values()) == {0o640}, newer
 
 
-def test_explain_writes_its_png_and_map_as_ordinary_files(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                           assets: Path, umask_022: None) -> None:
+def test_explain_writes_its_png_and_map_as_ordinary_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture, assets: Path, umask_022: None
+) -> None:
     image = assets / SAMPLE / _sample_rows(assets, 1)[0]["file"]
-    status, out, _ = run_cli(capsys, "explain", image, "--model", "mobilenet_v1_coral_tiny", "--method", "gradcam",
-                             "--out", tmp_path / "o.png", "--save-saliency", tmp_path / "map.npy", "--device", "cpu")
+    status, out, _ = run_cli(
+        capsys,
+        "explain",
+        image,
+        "--model",
+        "mobilenet_v1_coral_tiny",
+        "--method",
+        "gradcam",
+        "--out",
+        tmp_path / "o.png",
+        "--save-saliency",
+        tmp_path / "map.npy",
+        "--device",
+        "cpu",
+    )
     assert status == 0 and f"wrote {tmp_path / 'o.png'}" in out
     assert _modes(tmp_path) == {"o.png": 0o644, "map.npy": 0o644}
     saliency = np.load(tmp_path / "map.npy")
     assert saliency.shape == (128, 128) and saliency.max() == pytest.approx(1.0)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the tflite patch in the report (its cache is written with mkstemp: "
-                   "mode 0600)")
-def test_the_model_cache_honours_the_umask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, assets: Path,
-                                           umask_022: None) -> None:
+@pytest.mark.xfail(
+    strict=True, reason="needs the tflite patch in the report (its cache is written with mkstemp: mode 0600)"
+)
+def test_the_model_cache_honours_the_umask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, assets: Path, umask_022: None
+) -> None:
     from iscam import models
 
     monkeypatch.setenv("ISCAM_CACHE", str(tmp_path / "cache"))
@@ -531,15 +710,23 @@ def image(assets: Path) -> Path:
     return assets / SAMPLE / _sample_rows(assets, 1)[0]["file"]
 
 
-@pytest.mark.parametrize(("options", "named"), [
-    (["--method", "gradcam", "--N", "5"], "method 'gradcam' has no parameter 'N'"),
-    (["--method", "iscam", "--param", "foo=1"], "method 'iscam' has no parameter 'foo'"),
-    (["--method", "iscam", "--param", "N=abc"], "N must be a positive int, got 'abc'"),
-    (["--method", "fancycam"], "unknown method 'fancycam'"),
-])
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["--method", "gradcam", "--N", "5"], "method 'gradcam' has no parameter 'N'"),
+        (["--method", "iscam", "--param", "foo=1"], "method 'iscam' has no parameter 'foo'"),
+        (["--method", "iscam", "--param", "N=abc"], "N must be a positive int, got 'abc'"),
+        (["--method", "fancycam"], "unknown method 'fancycam'"),
+    ],
+)
 def test_explain_refuses_a_parameter_the_method_does_not_take_before_loading_the_model(
-        image: Path, tmp_path: Path, capsys: pytest.CaptureFixture, model_loads: list[str], options: list[str],
-        named: str) -> None:
+    image: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    model_loads: list[str],
+    options: list[str],
+    named: str,
+) -> None:
     status, out, err = run_cli(capsys, "explain", image, *TINY, *options, "--out", tmp_path / "o.png")
     assert status == 2 and out == ""
     one_line_error(err, "iscam explain: error: ", named)
@@ -547,18 +734,42 @@ def test_explain_refuses_a_parameter_the_method_does_not_take_before_loading_the
 
 
 def test_explain_names_the_users_out_path_never_a_temporary_file(
-        image: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
-        model_loads: list[str]) -> None:
+    image: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    model_loads: list[str],
+) -> None:
     status, _, err = run_cli(capsys, "explain", image, *TINY, "--method", "gradcam", "--out", tmp_path)
     assert status == 2
     one_line_error(err, f"--out {str(tmp_path)!r} is a folder")
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
-    status, _, err = run_cli(capsys, "explain", image, *TINY, "--method", "gradcam", "--out", a_file / "o.png",
-                             "--save-saliency", tmp_path / "map.npy")
+    status, _, err = run_cli(
+        capsys,
+        "explain",
+        image,
+        *TINY,
+        "--method",
+        "gradcam",
+        "--out",
+        a_file / "o.png",
+        "--save-saliency",
+        tmp_path / "map.npy",
+    )
     assert status == 2 and f"--out {str(a_file / 'o.png')!r}" in one_line_error(err)
-    status, _, err = run_cli(capsys, "explain", image, *TINY, "--method", "gradcam", "--out", tmp_path / "o.png",
-                             "--save-saliency", tmp_path)
+    status, _, err = run_cli(
+        capsys,
+        "explain",
+        image,
+        *TINY,
+        "--method",
+        "gradcam",
+        "--out",
+        tmp_path / "o.png",
+        "--save-saliency",
+        tmp_path,
+    )
     assert status == 2 and f"--save-saliency {str(tmp_path)!r} is a folder" in one_line_error(err)
     assert model_loads == []
     # a folder the user cannot write to (simulated: this suite may run as root, who can write anywhere)
@@ -568,22 +779,42 @@ def test_explain_names_the_users_out_path_never_a_temporary_file(
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", refused)
-    status, _, err = run_cli(capsys, "explain", image, *TINY, "--method", "gradcam", "--out", tmp_path / "o.png")
+    status, _, err = run_cli(
+        capsys, "explain", image, *TINY, "--method", "gradcam", "--out", tmp_path / "o.png"
+    )
     line = one_line_error(err, f"--out {str(tmp_path / 'o.png')!r} cannot be written: Permission denied")
     assert status == 2 and ".tmp" not in line and ".probe" not in line and model_loads == []
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", real)
     # the folder turns read-only between the check and the write: the PNG is the file named, nothing is left
     monkeypatch.setattr("iscam.store.os.replace", refused)
-    status, _, err = run_cli(capsys, "explain", image, *TINY, "--method", "gradcam", "--out", tmp_path / "o.png")
+    status, _, err = run_cli(
+        capsys, "explain", image, *TINY, "--method", "gradcam", "--out", tmp_path / "o.png"
+    )
     line = one_line_error(err, f"cannot write {tmp_path / 'o.png'}: Permission denied")
     assert status == 2 and ".tmp" not in line and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
-def test_cuda_without_a_gpu_is_one_line(image: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                        monkeypatch: pytest.MonkeyPatch, model_loads: list[str]) -> None:
+def test_cuda_without_a_gpu_is_one_line(
+    image: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    model_loads: list[str],
+) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    status, _, err = run_cli(capsys, "explain", image, "--model", "mobilenet_v1_coral_tiny", "--method", "gradcam",
-                             "--out", tmp_path / "o.png", "--device", "cuda")
+    status, _, err = run_cli(
+        capsys,
+        "explain",
+        image,
+        "--model",
+        "mobilenet_v1_coral_tiny",
+        "--method",
+        "gradcam",
+        "--out",
+        tmp_path / "o.png",
+        "--device",
+        "cuda",
+    )
     assert status == 2
     one_line_error(err, "device 'cuda' requested but torch sees no CUDA GPU", "--device cpu")
     status, _, err = run_cli(capsys, "run", "smoke", "--out", tmp_path / "S", "--device", "cuda")
@@ -603,8 +834,9 @@ def _png_claiming(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
 
 
-def test_an_image_the_cli_cannot_read_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                   model_loads: list[str]) -> None:
+def test_an_image_the_cli_cannot_read_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, model_loads: list[str]
+) -> None:
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(_png_claiming(100_000, 100_000))
     out = ["--model", "mobilenet_v1_coral_tiny", "--method", "gradcam", "--out", tmp_path / "o.png"]
@@ -618,16 +850,22 @@ def test_an_image_the_cli_cannot_read_is_one_line(tmp_path: Path, capsys: pytest
     assert model_loads == []
 
 
-def test_a_cache_folder_that_is_a_file_is_one_line(image: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cache_folder_that_is_a_file_is_one_line(
+    image: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cache = tmp_path / "cache"
     cache.write_text("not a folder")
     monkeypatch.setenv("ISCAM_CACHE", str(cache))
-    status, _, err = run_cli(capsys, "explain", image, *TINY, "--method", "gradcam", "--out", tmp_path / "o.png")
+    status, _, err = run_cli(
+        capsys, "explain", image, *TINY, "--method", "gradcam", "--out", tmp_path / "o.png"
+    )
     assert status == 2
-    one_line_error(err, f"cache folder {str(cache)!r} (from $ISCAM_CACHE) is a file", "point ISCAM_CACHE at a folder")
-    status, _, err = run_cli(capsys, "run", "smoke", "--out", tmp_path / "S", "--set", "data.num_images=1", *FAST,
-                             *BASE, *CPU)
+    one_line_error(
+        err, f"cache folder {str(cache)!r} (from $ISCAM_CACHE) is a file", "point ISCAM_CACHE at a folder"
+    )
+    status, _, err = run_cli(
+        capsys, "run", "smoke", "--out", tmp_path / "S", "--set", "data.num_images=1", *FAST, *BASE, *CPU
+    )
     assert status == 2 and "point ISCAM_CACHE at a folder" in one_line_error(err, str(cache))
     assert not parts(tmp_path / "S")
 
@@ -636,27 +874,33 @@ def _temporary_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.name.endswith((".tmp", ".probe"))]
 
 
-def test_a_read_only_store_leaves_nothing_partial(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                  monkeypatch: pytest.MonkeyPatch, assets: Path) -> None:
+def test_a_read_only_store_leaves_nothing_partial(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, assets: Path
+) -> None:
     def refused(*args: object, **kwargs: object) -> None:
         raise PermissionError(errno.EACCES, "Permission denied")
 
     out = tmp_path / "S"
     monkeypatch.setattr("iscam.store.os.replace", refused)  # what a read-only folder does to a rename
-    status, _, err = run_cli(capsys, "run", "smoke", "--out", out, "--set", "data.num_images=2", *FAST, *BASE, *CPU)
+    status, _, err = run_cli(
+        capsys, "run", "smoke", "--out", out, "--set", "data.num_images=2", *FAST, *BASE, *CPU
+    )
     assert status == 2
     one_line_error(err, f"cannot write {out}", "Permission denied")
     assert _temporary_files(out) == [] and not parts(out) and not (out / "run.json").exists()
     monkeypatch.undo()
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    status, _, err = run_cli(capsys, "run", "smoke", "--out", a_file, "--set", "data.num_images=2", *FAST, *CPU)
+    status, _, err = run_cli(
+        capsys, "run", "smoke", "--out", a_file, "--set", "data.num_images=2", *FAST, *CPU
+    )
     assert status == 2
     one_line_error(err, f"the results folder {a_file} is a file, not a folder")
 
 
 def test_a_full_disk_mid_run_leaves_no_temporary_file_and_the_rerun_completes(
-        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, assets: Path) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, assets: Path
+) -> None:
     real = os.replace
     written: list[str] = []
 
@@ -686,13 +930,18 @@ def test_a_truncated_run_json_is_named(small: Path, tmp_path: Path, capsys: pyte
     for command in ("table", "claims"):
         status, _, err = run_cli(capsys, command, store)
         assert status == 2
-        one_line_error(err, f"{store / 'run.json'} is not a valid run record", "rewritten by the next 'iscam run'")
+        one_line_error(
+            err, f"{store / 'run.json'} is not a valid run record", "rewritten by the next 'iscam run'"
+        )
 
 
-@pytest.mark.xfail(strict=True, reason="needs the models patch in the report (torchvision's download error "
-                   "surfaces as it is)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs the models patch in the report (torchvision's download error surfaces as it is)",
+)
 def test_paper_weights_that_cannot_be_downloaded_name_the_weights_option(
-        image: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    image: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import urllib.error
 
     def offline(*args: object, **kwargs: object) -> None:
@@ -700,8 +949,19 @@ def test_paper_weights_that_cannot_be_downloaded_name_the_weights_option(
 
     monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", offline)  # no network in tests
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # nothing cached
-    status, _, err = run_cli(capsys, "explain", image, "--model", "vgg16", "--method", "gradcam", "--out",
-                             tmp_path / "o.png", "--device", "cpu")
+    status, _, err = run_cli(
+        capsys,
+        "explain",
+        image,
+        "--model",
+        "vgg16",
+        "--method",
+        "gradcam",
+        "--out",
+        tmp_path / "o.png",
+        "--device",
+        "cpu",
+    )
     assert status == 2
     one_line_error(err, "vgg16", "cannot be downloaded", "--weights FILE")
 
@@ -710,13 +970,29 @@ def test_paper_weights_that_cannot_be_downloaded_name_the_weights_option(
 # iscam claims RESULTS
 # --------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def swept(scored: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The scored store plus its N sweep (IS-CAM at N = 1 and 3 on the same 2 images)."""
     out = tmp_path_factory.mktemp("swept") / "S"
     shutil.copytree(scored, out)
-    assert cli.main(["run", "smoke", "--out", str(out), "--set", "data.num_images=2", *SCORED, "--only", "n_sweep",
-                     *CPU]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                "smoke",
+                "--out",
+                str(out),
+                "--set",
+                "data.num_images=2",
+                *SCORED,
+                "--only",
+                "n_sweep",
+                *CPU,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -726,7 +1002,8 @@ def _claim_line(printed: str, claim: str) -> str:
 
 
 def test_claims_judges_the_base_rows_paired_with_the_store_as_the_n_sweep(
-        swept: Path, capsys: pytest.CaptureFixture) -> None:
+    swept: Path, capsys: pytest.CaptureFixture
+) -> None:
     from iscam.claims import CLAIMS
 
     frame = ResultsStore(swept).read()
@@ -750,7 +1027,9 @@ def test_claims_judges_the_base_rows_paired_with_the_store_as_the_n_sweep(
     assert "not evaluated: no sscam rows" in _claim_line(out, "win-vs-sscam")
     # --margin reaches the equivalence claims: the images needed to resolve "close to" follow the margin
     status, wider, _ = run_cli(capsys, "claims", swept, "--n-boot", "200", "--margin", "25")
-    needed = [re.search(r"~(\d+) would", _claim_line(text, "insertion-close-scorecam")) for text in (out, wider)]
+    needed = [
+        re.search(r"~(\d+) would", _claim_line(text, "insertion-close-scorecam")) for text in (out, wider)
+    ]
     assert status == 0 and all(needed) and needed[0].group(1) != needed[1].group(1), (line, wider)
     status, _, err = run_cli(capsys, "claims", swept, "--margin", "0")
     assert status == 2
