@@ -8,12 +8,17 @@ equals the map the runner stores for that image with config seed ``S`` (the seed
 
 from __future__ import annotations
 
+import io
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+from .store import atomic_write_bytes
 
 __all__ = ["ExplainError", "Explanation", "explain"]
 
@@ -52,26 +57,34 @@ def _read_image(path: Path) -> Any:
         raise ExplainError(str(error)) from None
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Path, option: str, what: str) -> None:
+    """Fail, naming the user's path, if ``out`` cannot be written -- before the model is loaded."""
     if out.is_dir():
-        raise ExplainError(f"--out {str(out)!r} is a folder: give the PNG file to write")
+        raise ExplainError(f"{option} {str(out)!r} is a folder: give the {what} file to write")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
-        raise ExplainError(f"--out {str(out)!r}: the folder {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise ExplainError(f"--out {str(out)!r} cannot be written (permission denied)")
+        raise ExplainError(f"{option} {str(out)!r}: the folder {str(parent)!r} does not exist")
+    if out.exists() and not out.is_file():
+        raise ExplainError(f"{option} {str(out)!r} exists and is not a file")
+    try:  # the file is written atomically beside its name: probe that folder (os.access says yes to root)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{out.name}.", suffix=".probe"):
+            pass
+    except OSError as error:
+        raise ExplainError(f"{option} {str(out)!r} cannot be written: {error.strerror or error}") from None
 
 
 def explain(image: str | os.PathLike[str], *, model: str, method: str, out: str | os.PathLike[str],
             N: int | None = None, params: dict[str, Any] | None = None, target: int | None = None,
             weights: str | None = "default", data_root: str | os.PathLike[str] | None = None,
             device: str = "auto", alpha: float = 0.5, seed: int = 0, target_layer: str | None = None,
-            resize: str = "crop") -> Explanation:
+            resize: str = "crop", saliency_out: str | os.PathLike[str] | None = None) -> Explanation:
     """Explain one image file with ``method`` on ``model`` and write the overlay PNG to ``out``.
 
     ``params`` (and ``N``) are the method's parameters, checked before the model is loaded; ``seed`` is the
     config seed of a stochastic method (SS-CAM, Smooth Grad-CAM++, random), ``target`` the class to explain
-    (default: the top-1 prediction, as the runner does), ``target_layer`` the layer (default: the model's).
+    (default: the top-1 prediction, as the runner does), ``target_layer`` the layer (default: the model's),
+    ``saliency_out`` a ``.npy`` file that also receives the map. Both files are checked to be writable
+    before the model is loaded, and written atomically with the umask's mode.
     """
     from . import models as iscam_models
     from .config import ConfigError, check_methods, config_from_dict
@@ -95,7 +108,9 @@ def explain(image: str | os.PathLike[str], *, model: str, method: str, out: str 
     if model not in iscam_models.MODEL_NAMES:
         raise ExplainError(f"unknown model {model!r}; choose one of {', '.join(iscam_models.MODEL_NAMES)}")
     picture = _read_image(path)
-    _check_out(out_path)
+    _check_out(out_path, "--out", "PNG")
+    if saliency_out is not None:
+        _check_out(Path(saliency_out), "--save-saliency", ".npy")
     torch_device = resolve_device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # random weights (weights=None) are drawn as the runner draws them
@@ -116,4 +131,8 @@ def explain(image: str | os.PathLike[str], *, model: str, method: str, out: str 
         image_seed = runner.seed(path.name)
     shown = loaded.preprocess.denormalize(x[0].cpu()).clamp(0, 1)
     written = save_png(overlay(shown, saliency, alpha=alpha), out_path)
+    if saliency_out is not None:
+        buffer = io.BytesIO()
+        np.save(buffer, saliency.numpy())
+        atomic_write_bytes(saliency_out, buffer.getvalue())
     return Explanation(top5, chosen, saliency, shown, Path(written), image_seed)

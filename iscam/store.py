@@ -15,8 +15,9 @@ A store is a folder::
 ``os.replace``-d onto its final name (and the folder fsync'ed), so a reader sees the whole file or nothing.
 A killed writer loses at most the part it was writing; its leftover ``*.tmp`` file is ignored by readers and
 removed by :meth:`ResultsStore.compact`. The store is correct without ever being compacted: reading
-concatenates the merged file and the parts (oldest first) and keeps the newest row of each key (duplicates
-arise only from a recomputed stale row or a compaction killed between its rename and its cleanup).
+concatenates the merged file and the parts (oldest first, by the write time in their names, whatever rank
+wrote them) and keeps the newest row of each key (duplicates arise only from a recomputed stale row or a
+compaction killed between its rename and its cleanup).
 
 **Verified.** A part's name carries the SHA-256 of its bytes and parquet pages carry CRC checksums; both are
 checked on every read, so a flipped byte anywhere in a file is reported (with the command that recomputes
@@ -129,8 +130,8 @@ _PARTS = "parts"
 _TABLES = "tables"
 _MERGED_PREFIX = {"rows": "results"}
 _TMP_SUFFIX = ".tmp"
-_PART_NAME = re.compile(r"^part-r\d{3}-\d{20}-(?P<digest>[0-9a-f]{16})\.parquet$")
-_MERGED_NAME = re.compile(r"^(?P<table>[a-z]+)-\d{20}-(?P<digest>[0-9a-f]{16})\.parquet$")
+_PART_NAME = re.compile(r"^part-r(?P<rank>\d{3})-(?P<time>\d{20})-(?P<digest>[0-9a-f]{16})\.parquet$")
+_MERGED_NAME = re.compile(r"^(?P<table>[a-z]+)-(?P<time>\d{20})-(?P<digest>[0-9a-f]{16})\.parquet$")
 
 
 class StoreError(RuntimeError):
@@ -235,6 +236,15 @@ def _parquet_bytes(frame: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
+def _write_order(path: Path) -> tuple[int, int, str]:
+    """(write time, rank, name) of a part or merged file, from its name (see :meth:`ResultsStore.files`)."""
+    match = _PART_NAME.match(path.name)
+    if match is not None:
+        return int(match.group("time")), int(match.group("rank")), path.name
+    match = _MERGED_NAME.match(path.name)
+    return (int(match.group("time")), -1, path.name) if match is not None else (-1, -1, path.name)
+
+
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
@@ -300,8 +310,13 @@ class ResultsStore:
         return sorted(p for p in self.folder.glob(f"{prefix}-*.parquet") if p.is_file())
 
     def files(self, table: str = "rows") -> list[Path]:
-        """Every file holding rows of ``table``, in the order newer rows win."""
-        return self.merged_files(table) + self.part_files(table)
+        """Every file holding rows of ``table``, oldest first: the order in which newer rows win.
+
+        Ordered by the write time in the names (merged files and parts alike, then rank), not by name: a
+        row recomputed by rank 0 must win over the stale row rank 1 wrote earlier ("part-r001-..." sorts
+        after "part-r000-..."). A name without a time (not written by this module) sorts first.
+        """
+        return sorted(self.merged_files(table) + self.part_files(table), key=_write_order)
 
     def exists(self) -> bool:
         return bool(self.files("rows"))
@@ -389,6 +404,9 @@ class ResultsStore:
 
     def check_writable(self) -> None:
         """Fail now, naming the folder, if the store cannot be written (before any work is done)."""
+        if self.folder.exists() and not self.folder.is_dir():
+            raise StoreError(f"the results folder {self.folder} is a file, not a folder: "
+                             "choose another folder")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.folder, prefix=".probe.", suffix=_TMP_SUFFIX):

@@ -59,6 +59,23 @@ def test_newer_rows_win_and_a_killed_compaction_leaves_only_duplicates(tmp_path:
     del copy
 
 
+def test_a_row_recomputed_by_rank_0_wins_over_the_stale_row_rank_1_wrote_earlier(tmp_path: Path) -> None:
+    """Newer rows win by write time, whatever rank wrote them ("part-r001-..." sorts after "part-r000-")."""
+    ResultsStore(tmp_path, rank=1).write_part(_rows(["a", "b"], value=0.25))  # a torchrun worker, earlier
+    ResultsStore(tmp_path, rank=0).write_part(_rows(["a"], value=0.75))  # --recompute-stale in one process
+    assert ResultsStore(tmp_path).read().set_index("file")["o"].to_dict() == {"a": 0.75, "b": 0.25}
+    store = ResultsStore(tmp_path)
+    store.compact()
+    ResultsStore(tmp_path, rank=3).write_part(_rows(["b"], value=0.5))  # after the merged file: wins too
+    assert ResultsStore(tmp_path).read().set_index("file")["o"].to_dict() == {"a": 0.75, "b": 0.5}
+
+
+def test_a_store_folder_that_is_a_file_is_named_before_any_work(tmp_path: Path) -> None:
+    (tmp_path / "S").write_text("x")
+    with pytest.raises(StoreError, match=rf"the results folder {tmp_path / 'S'} is a file, not a folder"):
+        ResultsStore(tmp_path / "S").check_writable()
+
+
 def test_a_flipped_byte_anywhere_in_a_part_is_detected_with_the_command_that_recomputes_it(tmp_path: Path) -> None:
     store = ResultsStore(tmp_path)
     path = store.write_part(_rows(["a", "b", "c"]))
@@ -137,9 +154,9 @@ def test_the_lock_keeps_a_second_writer_and_compact_out(tmp_path: Path) -> None:
     try:
         assert ready.wait(60)
         store = ResultsStore(tmp_path)
-        with pytest.raises(StoreBusyError, match=r"in use by pid \d+: iscam run smoke"):
-            with store.lock(wait=False):
-                pass
+        busy = pytest.raises(StoreBusyError, match=r"in use by pid \d+: iscam run smoke")
+        with busy, store.lock(wait=False):
+            pass
         with pytest.raises(StoreBusyError):
             store.compact()
         assert (tmp_path / ".part-r000-inflight.parquet.x.tmp").exists()  # a running writer's file survives
