@@ -212,3 +212,24 @@ def test_bad_manifest_policy_is_a_config_error() -> None:
     assert load_config("smoke", ["data.on_bad_rows=skip"]).data.on_bad_rows == "skip"
     with pytest.raises(ConfigError, match="data.on_bad_rows must be one of error, skip"):
         load_config("smoke", ["data.on_bad_rows=drop"])
+
+
+def test_spread_stages_keep_the_first_and_the_fully_randomised_stage() -> None:
+    from iscam.sanity import randomisation_stages, spread_positions, spread_stages
+
+    assert spread_positions(15, 4) == [1, 6, 10, 15]  # 1 + 14 * i / 3, rounded half up
+    assert spread_positions(15, 3) == [1, 8, 15] and spread_positions(15, 2) == [1, 15]
+    assert spread_positions(15, 1) == [15]
+    assert spread_positions(4, None) == spread_positions(4, 9) == [1, 2, 3, 4]
+    assert spread_positions(16, 5) == [1, 5, 9, 12, 16]  # 3.75 -> 4, 7.5 -> 8, 11.25 -> 11
+    for total in range(1, 30):
+        for count in range(1, total + 1):
+            positions = spread_positions(total, count)
+            assert len(positions) == count and positions == sorted(set(positions)), (total, count)
+            assert positions[-1] == total and (count == 1 or positions[0] == 1)
+    stages = spread_stages(randomisation_stages(["a", "b", "c", "d"]), 2)
+    assert [(s.mode, s.index, s.layers) for s in stages] == [
+        ("cascading", 1, ("d",)), ("cascading", 4, ("d", "c", "b", "a")),
+        ("independent", 1, ("d",)), ("independent", 4, ("a",))]
+    with pytest.raises(ValueError, match="count must be a positive int"):
+        spread_positions(4, 0)
