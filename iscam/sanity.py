@@ -382,7 +382,8 @@ def summarise(rows: Sequence[Mapping[str, Any]] | pd.DataFrame, *,
               metrics: Sequence[str] = SIMILARITY_METRICS, n_boot: int = 10000, seed: int = 0,
               level: float = 0.95) -> pd.DataFrame:
     """Mean and percentile-bootstrap interval (:func:`iscam.stats.bootstrap_ci`) of each metric per method and
-    stage, one row per (method, mode, stage, metric).
+    stage, one row per (method, mode, stage, metric). ``rows``: those of :func:`sanity_rows`, or a store's
+    ``sanity`` table (``ResultsStore.read(table="sanity")``, narrowed to one setup and parameter set).
 
     Columns: ``method, mode, stage, randomised, n_randomised, metric, mean, low, high, n, n_undefined`` --
     ``n`` images with a defined value, ``n_undefined`` with NaN (constant maps), left out of the mean; with no
@@ -670,10 +671,14 @@ def _pearson(u: np.ndarray, v: np.ndarray) -> float:
     return max(-1.0, min(1.0, suv / math.sqrt(suu * svv)))
 
 
+# What the summaries read: the rows of sanity_rows or the store's sanity table (keyed by file, not "image").
+_SUMMARY_COLUMNS = ("method", "mode", "stage", "randomised", "n_randomised") + SIMILARITY_METRICS
+
+
 def _rows_frame(rows: Sequence[Mapping[str, Any]] | pd.DataFrame) -> pd.DataFrame:
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
-    missing = [c for c in SANITY_COLUMNS if c not in frame.columns]
+    missing = [c for c in _SUMMARY_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"rows lack column(s) {', '.join(missing)}; expected the rows of sanity_rows "
-                         f"({', '.join(SANITY_COLUMNS)})")
+                         f"({', '.join(SANITY_COLUMNS)}) or of a store's sanity table")
     return frame

@@ -414,6 +414,10 @@ def test_sanity_rows_are_sanity_rows_with_the_runner_methods_and_seeds(reference
         assert rows[metric].dropna().between(-1, 1).all(), metric
     assert (rows.merge(base[["file", "method", "target"]], on=["file", "method"], suffixes=("", "_base"))
             .eval("target == target_base").all())  # the class the base rows explain
+    # the summaries read the stored table as they read sanity_rows' rows
+    flags = sanity.insensitive_methods(rows, n_boot=200)
+    assert sorted(flags["method"]) == sorted(m.name for m in config.methods) and set(flags["stage"]) == {15}
+    assert set(sanity.summarise(rows, n_boot=200)["stage"]) == {1, 15}
     layers = sanity.parameterised_layers(loaded.model, dataset[0].image[None])
     stages = [s for s in sanity.randomisation_stages(layers) if s.index in (1, 15)]
     for method, file in (("gradcam", files[1]), ("random", files[0]), ("sscam", files[0])):
