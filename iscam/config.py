@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import hashlib
 import inspect
+import itertools
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -39,6 +40,8 @@ __all__ = [
     "MetricsSpec",
     "ExperimentConfig",
     "FiguresSpec",
+    "RoadSpec",
+    "SanitySpec",
     "Study",
     "VariantSpec",
     "check_methods",
@@ -51,6 +54,7 @@ __all__ = [
     "apply_overrides",
     "parse_override",
     "image_seed",
+    "road_seed",
     "method_class",
     "method_key",
     "method_kwargs",
@@ -194,6 +198,64 @@ class FiguresSpec:
     pipeline_channels: int = 4
 
 
+def _road_fractions() -> tuple[float, ...]:
+    from .road import ROAD_FRACTIONS  # scipy: imported only when a config asks for ROAD
+
+    return ROAD_FRACTIONS
+
+
+def _sanity_modes() -> tuple[str, ...]:
+    from .sanity import MODES  # scikit-image: imported only when a config asks for sanity checks
+
+    return MODES
+
+
+@dataclass(frozen=True)
+class RoadSpec:
+    """ROAD (Rong et al., ICML 2022; :func:`iscam.road.road_curve`) beside insertion/deletion: the MoRF and
+    LeRF curves of every base method's *stored* map (rebuilt with :func:`iscam.methods.reconstruct`) on the
+    first ``images`` base images (``None`` = all of them), at the removal ``fractions`` (default
+    :data:`iscam.road.ROAD_FRACTIONS`: 10 %, ..., 90 %, strictly increasing in [0, 1)). ROAD's imputation
+    noise (0.01 of the pixel range) is seeded per image with :func:`road_seed`, the same seed for every method
+    of an image, so the methods' ROAD scores are paired."""
+
+    images: int | None = None
+    fractions: tuple[float, ...] = field(default_factory=_road_fractions)
+
+    def key(self, seed: int) -> str:
+        """The ``road_key`` of the rows (what a ROAD value depends on beside the map): fractions and seed."""
+        return params_key({"fractions": list(self.fractions), "seed": seed})
+
+
+@dataclass(frozen=True)
+class SanitySpec:
+    """One named subset of the saliency sanity checks (Adebayo et al., NeurIPS 2018;
+    :func:`iscam.sanity.sanity_rows`): model randomisation in each of ``modes`` (``cascading``: from the
+    logits down, one more layer per stage; ``independent``: one layer at a time), over the layers of
+    ``granularity`` (``block``, ``module`` or a list of module names, see
+    :func:`iscam.sanity.parameterised_layers`), for the config's ``methods`` of these names (empty = all of
+    them) on the first ``images`` base images (``None`` = all). ``stages``: ``None`` = every stage of a mode,
+    else that many spread evenly from the logits layer to the first layer, both included
+    (:func:`iscam.sanity.spread_stages`; 1 = the fully randomised model alone). The layers are re-initialised
+    with the config ``seed``; stochastic methods get their per-image seed (:func:`image_seed`), as in the base
+    rows. Several subsets let cheap methods run on more images than the costly ones (Smooth Grad-CAM++'s noisy
+    passes, the Score-CAM family's forward per channel, at every stage); a subset set to ``null`` is left
+    out."""
+
+    name: str
+    images: int | None = None
+    methods: tuple[str, ...] = ()
+    modes: tuple[str, ...] = field(default_factory=_sanity_modes)
+    granularity: str | tuple[str, ...] = "block"
+    stages: int | None = None
+
+    def randomisation(self, mode: str, seed: int) -> str:
+        """The ``randomisation`` key column of the rows of ``mode``: canonical JSON of mode, granularity and
+        seed (what the randomised weights depend on; ``stages`` and ``images`` only choose rows)."""
+        granularity = self.granularity if isinstance(self.granularity, str) else list(self.granularity)
+        return params_key({"granularity": granularity, "mode": mode, "seed": seed})
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """A validated run description (build it with :func:`load_config` / :func:`config_from_dict`)."""
@@ -213,6 +275,8 @@ class ExperimentConfig:
     channels_last: bool = False
     variants: tuple[VariantSpec, ...] = ()
     figures: FiguresSpec | None = None
+    road: RoadSpec | None = None
+    sanity: tuple[SanitySpec, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (the YAML schema); ``config_from_dict(c.to_dict()) == c``."""
@@ -221,11 +285,15 @@ class ExperimentConfig:
         raw["variants"] = {v.name: _variant_dict(v) for v in self.variants}
         raw["figures"] = None if self.figures is None else {**dataclasses.asdict(self.figures),
                                                             "classes": list(self.figures.classes)}
+        raw["road"] = None if self.road is None else {"images": self.road.images,
+                                                      "fractions": list(self.road.fractions)}
+        raw["sanity"] = {s.name: _sanity_dict(s) for s in self.sanity}
         return raw
 
     def base(self) -> ExperimentConfig:
-        """This config without its variants and figures: the rows the paper's tables are made of."""
-        return dataclasses.replace(self, variants=(), figures=None)
+        """This config without its variants, figures, ROAD and sanity checks: the rows the paper's tables are
+        made of."""
+        return dataclasses.replace(self, variants=(), figures=None, road=None, sanity=())
 
     def method_key(self, spec: MethodSpec) -> str:
         """The ``params_key`` of ``spec``'s rows: :func:`resolved_params` (the method's defaults filled
@@ -255,7 +323,11 @@ _SCHEMA: dict[str, Any] = {
     "channels_last": bool,
     "variants": dict,
     "figures": {f.name: None for f in dataclasses.fields(FiguresSpec)},
+    "road": {f.name: None for f in dataclasses.fields(RoadSpec)},
+    "sanity": dict,
 }
+#: The sections that add rows beside the base rows (the base study's config has none of them).
+_EXTRA_SECTIONS = ("variants", "figures", "road", "sanity")
 
 
 def config_names() -> list[str]:
@@ -433,6 +505,8 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
         channels_last=_bool(raw.get("channels_last", False), "channels_last"),
         variants=_variants(raw.get("variants"), raw, methods),
         figures=_figures(raw.get("figures")),
+        road=_road(raw.get("road")),
+        sanity=_sanity(raw.get("sanity")),
     )
 
 
@@ -512,8 +586,84 @@ def _figures(section: Any) -> FiguresSpec | None:
                                               "figures.pipeline_channels", minimum=1))
 
 
+def _road(section: Any) -> RoadSpec | None:
+    if section is None:
+        return None
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"road must be a mapping {{images, fractions}} or null (no ROAD), got {section!r}")
+    _known_keys(section, _SCHEMA["road"], "road")
+    images = _int(section.get("images"), "road.images", minimum=1, allow_none=True)
+    fractions = section.get("fractions")
+    if fractions is None:
+        return RoadSpec(images=images)
+    if isinstance(fractions, (str, bytes)) or not isinstance(fractions, Sequence) or not fractions:
+        raise ConfigError(f"road.fractions must be a non-empty list of removal fractions, got {fractions!r}")
+    for value in fractions:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ConfigError(f"road.fractions must be numbers in [0, 1) (the share of pixels removed), "
+                              f"got {value!r}")
+    if any(b <= a for a, b in itertools.pairwise(fractions)):
+        raise ConfigError(f"road.fractions must be strictly increasing, got {list(fractions)}")
+    return RoadSpec(images=images, fractions=tuple(float(v) for v in fractions))
+
+
+_SANITY_KEYS = {f.name: None for f in dataclasses.fields(SanitySpec) if f.name != "name"}
+
+
+def _sanity_dict(spec: SanitySpec) -> dict[str, Any]:
+    granularity = spec.granularity if isinstance(spec.granularity, str) else list(spec.granularity)
+    return {"images": spec.images, "methods": list(spec.methods), "modes": list(spec.modes),
+            "granularity": granularity, "stages": spec.stages}
+
+
+def _sanity(section: Any) -> tuple[SanitySpec, ...]:
+    if section in (None, {}):
+        return ()
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"sanity must be a mapping of subset name -> {{images, methods, modes, "
+                          f"granularity, stages}}, or null (no sanity checks), got {section!r}")
+    from .sanity import GRANULARITIES, MODES
+
+    subsets = []
+    for name, entry in section.items():
+        where = f"sanity.{name}"
+        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"sanity: a subset name must be letters, digits, '-' or '_', got {name!r}")
+        if entry is None:  # --set sanity.<name>=null turns one subset off
+            continue
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{where} must be a mapping {{images, methods, modes, granularity, stages}}, "
+                              f"got {entry!r}")
+        _known_keys(entry, _SANITY_KEYS, where)
+        chosen = entry.get("methods") or []
+        if isinstance(chosen, str) or not isinstance(chosen, Sequence):
+            raise ConfigError(f"{where}.methods must be a list of the config's method names, got {chosen!r}")
+        for method in chosen:  # a known method the config does not run is left out, as in the variants
+            method_class(method)
+        modes = entry.get("modes", MODES)
+        if isinstance(modes, str) or not isinstance(modes, Sequence) or not modes:
+            raise ConfigError(f"{where}.modes must be a non-empty list of {', '.join(MODES)}, got {modes!r}")
+        for mode in modes:
+            _choice(mode, f"{where}.modes", MODES)
+        if len(set(modes)) != len(modes):
+            raise ConfigError(f"{where}.modes lists a mode twice: {list(modes)}")
+        granularity = entry.get("granularity", "block")
+        if isinstance(granularity, str):
+            _choice(granularity, f"{where}.granularity", GRANULARITIES)
+        elif (not isinstance(granularity, Sequence) or not granularity
+              or not all(isinstance(layer, str) and layer for layer in granularity)):
+            raise ConfigError(f"{where}.granularity must be one of {', '.join(GRANULARITIES)} or a list of "
+                              f"module names, got {granularity!r}")
+        subsets.append(SanitySpec(
+            name=name, images=_int(entry.get("images"), f"{where}.images", minimum=1, allow_none=True),
+            methods=tuple(chosen), modes=tuple(modes),
+            granularity=granularity if isinstance(granularity, str) else tuple(granularity),
+            stages=_int(entry.get("stages"), f"{where}.stages", minimum=1, allow_none=True)))
+    return tuple(subsets)
+
+
 def _base_raw(raw: Mapping[str, Any]) -> dict[str, Any]:
-    base = {k: copy.deepcopy(v) for k, v in raw.items() if k not in ("variants", "figures")}
+    base = {k: copy.deepcopy(v) for k, v in raw.items() if k not in _EXTRA_SECTIONS}
     return base
 
 
@@ -676,8 +826,10 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str] | Mapping[s
         head = path[0]
         if head not in _SCHEMA:
             raise ConfigError(f"--set {text}: unknown key {head!r}; known keys: {', '.join(sorted(_SCHEMA))}")
-        if head == "variants" and len(path) > 1:
-            node = result.setdefault("variants", {})
+        if head in ("variants", "sanity") and len(path) > 1:  # sections of named entries
+            if result.get(head) is None:
+                result[head] = {}
+            node = result[head]
             for part in path[1:-1]:
                 node = node.setdefault(part, {})
                 if not isinstance(node, dict):
@@ -750,6 +902,12 @@ def image_seed(seed: int, method: str, file: str) -> int:
     """The seed of one stochastic map: a hash of (config seed, method, image file), in [0, 2**63)."""
     digest = hashlib.sha256(f"{seed}\x00{method}\x00{file}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def road_seed(seed: int, file: str) -> int:
+    """The seed of one image's ROAD noise (:func:`image_seed` of the config seed, ``"road"`` and the file):
+    the same for every method of the image, so its methods are compared on the same noise."""
+    return image_seed(seed, "road", file)
 
 
 def default_output(config: ExperimentConfig) -> Path:

@@ -5,6 +5,8 @@
   :func:`increase_in_confidence`.
 - Win % (Table I): :func:`win_rate`, :func:`win_rate_ci`.
 - Energy-based pointing game (Table II): :func:`energy_pointing_game`.
+- ROAD (Rong et al. 2022, new; implemented in :mod:`iscam.road`): :func:`road_curve`, :func:`road_scores`; the
+  runner stores it from the base rows' maps in the store's ``road`` table (config ``road:``).
 - Confidence intervals (new): :func:`bootstrap_ci`, :func:`paired_bootstrap_diff` (from :mod:`iscam.stats`).
 
 Conventions shared by every function:

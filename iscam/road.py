@@ -35,6 +35,7 @@ __all__ = [
     "ROAD_FRACTIONS",
     "ROAD_NEIGHBOUR_WEIGHTS",
     "ROAD_PIXEL_NOISE",
+    "ROAD_VERSION",
     "RoadScores",
     "linear_imputation",
     "removal_masks",
@@ -45,6 +46,10 @@ __all__ = [
 
 Order = Literal["morf", "lerf"]
 Seed = int | Sequence[int] | Tensor
+
+#: Bumped whenever a change to this module changes a ROAD value; the runner stores it with every row of the
+#: store's ``road`` table, so rows of older code are recomputed, never mixed.
+ROAD_VERSION = 1
 
 #: The removal fractions of ROAD's benchmark (and pytorch-grad-cam's ``ROAD*Average``): 10 %, ..., 90 %.
 ROAD_FRACTIONS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)

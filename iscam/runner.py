@@ -2,7 +2,9 @@
 
 :func:`run` computes every row of a config's studies (:func:`iscam.config.expand`: the base rows, each
 variant's sets, the figures' images) that the store does not hold yet, and the artifacts the book shows
-(Fig. 1's IS-CAM trace, the figures' input images)::
+(Fig. 1's IS-CAM trace, the figures' input images), then the tables beside the rows: ROAD from the stored
+maps of the base rows (the store's ``road`` table, config ``road:``) and the saliency sanity checks (its
+``sanity`` table, config ``sanity:``)::
 
     summary = run(load_config("smoke"), out="results/smoke")
 
@@ -43,7 +45,7 @@ import os
 import shlex
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,7 @@ from .config import (
     ConfigError,
     ExperimentConfig,
     MethodSpec,
+    SanitySpec,
     Study,
     check_methods,
     default_output,
@@ -64,6 +67,7 @@ from .config import (
     image_seed,
     method_class,
     method_kwargs,
+    road_seed,
     select_indices,
 )
 from .data import UNKNOWN_LABEL
@@ -72,6 +76,8 @@ from .store import KEY_COLUMNS, STAMP_COLUMNS, TABLE_KEYS, ResultsStore
 __all__ = [
     "Cost",
     "MethodRunner",
+    "ROAD_STAMPS",
+    "SANITY_STAMPS",
     "PlannedStudy",
     "RunSummary",
     "StaleRowsError",
@@ -127,7 +133,11 @@ class Cost:
 
 @dataclass
 class RunSummary:
-    """What :func:`run` did (this rank's counts; ``cost`` over every rank when run on rank 0)."""
+    """What :func:`run` did (this rank's counts; ``cost`` over every rank when run on rank 0).
+
+    ``rows_written`` / ``rows_skipped`` count the rows table; ``tables`` the ROAD and sanity tables:
+    ``{"road": {"rows": ..., "seconds": ...}, "sanity": {...}}`` (rows written and seconds spent, every rank).
+    """
 
     out: Path
     rows_written: int
@@ -137,6 +147,7 @@ class RunSummary:
     provenance: dict[str, Any] | None
     stale_recomputed: int = 0
     skipped_manifest_rows: int = 0
+    tables: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def seconds_per_image(self) -> dict[str, float]:
@@ -274,8 +285,15 @@ def _figure_indices(config: ExperimentConfig, dataset: Any, base: Sequence[int])
     return chosen[: config.figures.images]
 
 
+def _table_studies(config: ExperimentConfig) -> list[str]:
+    """The ``--only`` names of the tables ``config`` fills beside the rows: ``road``, ``sanity``."""
+    return (["road"] if config.road is not None else []) + (["sanity"] if config.sanity else [])
+
+
 def plan(config: ExperimentConfig, dataset: Any, *, only: Sequence[str] | None = None) -> list[PlannedStudy]:
-    """The studies of ``config`` with their images (``only``: keep those variants; ``"base"`` = the base)."""
+    """The studies of ``config`` with their images (``only``: keep those variants; ``"base"`` = the base;
+    ``"road"`` and ``"sanity"``, which are not studies of the rows table, are accepted and planned by
+    :func:`run`)."""
     files = list(dataset.files)
     base = select_indices(len(files), config.data)
     planned = []
@@ -289,7 +307,7 @@ def plan(config: ExperimentConfig, dataset: Any, *, only: Sequence[str] | None =
             indices = base if study.images is None else base[: study.images]
         planned.append(PlannedStudy(study, tuple(files[i] for i in indices), tuple(indices)))
     if only:
-        known = {s.variant or "base" for s in expand(config)}
+        known = {s.variant or "base" for s in expand(config)} | set(_table_studies(config))
         unknown = [name for name in only if name not in known]
         if unknown:
             raise ConfigError(f"--only {', '.join(unknown)}: this config has {', '.join(sorted(known))}")
@@ -352,14 +370,20 @@ class MethodRunner:
         self.finish_params = dict(spec.params)
         self.cam: Any = None
 
-    def _make(self, **extra: Any) -> Any:
+    def _make(self, file: str | None = None) -> Any:
         from . import methods as iscam_methods
 
-        return iscam_methods.get(self.spec.name, self.model, target_layer=self.layer, **self.kwargs, **extra)
+        kwargs = self.kwargs if file is None else self.kwargs_for(file)
+        return iscam_methods.get(self.spec.name, self.model, target_layer=self.layer, **kwargs)
 
     def seed(self, file: str) -> int | None:
         """The seed of ``file``'s map (None for deterministic methods)."""
         return image_seed(self.config.seed, self.spec.name, file) if self.cls.stochastic else None
+
+    def kwargs_for(self, file: str) -> dict[str, Any]:
+        """The constructor keywords of ``file``'s map: :func:`~iscam.config.method_kwargs`, plus ``seed=``
+        :meth:`seed` for a stochastic method (the sanity checks build their methods with these too)."""
+        return {**self.kwargs, "seed": self.seed(file)} if self.cls.stochastic else dict(self.kwargs)
 
     def __enter__(self) -> MethodRunner:
         if not self.cls.stochastic:
@@ -387,7 +411,7 @@ class MethodRunner:
             return raw, [round(share)] * len(files)
         maps, forwards = [], []
         for i, file in enumerate(files):
-            with self._make(seed=self.seed(file)) as cam:
+            with self._make(file) as cam:
                 maps.append(cam.raw_maps(x[i:i + 1], target[i:i + 1]))
                 forwards.append(cam.forward_count)
         return torch.cat(maps), forwards
@@ -641,30 +665,371 @@ def _figure_artifacts(config: ExperimentConfig, planned: PlannedStudy, dataset: 
 
 
 # --------------------------------------------------------------------------------------------------
+# Stored rows with other stamps (stale)
+# --------------------------------------------------------------------------------------------------
+
+def _current(rows: pd.DataFrame, stamp: Mapping[str, Any], columns: Sequence[str]) -> pd.Series:
+    """Which of ``rows`` carry the stamps ``stamp`` in ``columns`` (``iscam_version`` is not compared)."""
+    same = pd.Series(True, index=rows.index)
+    for column in columns:
+        if column == "iscam_version":  # recorded, never a reason to recompute (the algorithm versions are)
+            continue
+        same &= (rows[column].astype(str) == str(stamp[column])) if column in rows else False
+    return same
+
+
+def _matching(existing: pd.DataFrame, key_tail: Mapping[str, Any], files: set[str]) -> pd.DataFrame:
+    rows = existing
+    for column, value in key_tail.items():
+        rows = rows[rows[column] == value]
+    return rows[rows["file"].isin(files)]
+
+
+def _stale(existing: Any, key_tail: Mapping[str, Any], stamp: Mapping[str, Any], files: set[str],
+           columns: Sequence[str] = STAMP_COLUMNS) -> set[str]:
+    """Files of ``files`` whose stored row (same key) has other stamps than ``stamp`` (in ``columns``)."""
+    if existing.empty:
+        return set()
+    rows = _matching(existing, key_tail, files)
+    if rows.empty:
+        return set()
+    return set(rows.loc[~_current(rows, stamp, columns), "file"])
+
+
+# --------------------------------------------------------------------------------------------------
+# The ROAD and sanity tables: planned from the store's keys, computed after the rows
+# --------------------------------------------------------------------------------------------------
+
+#: Stamps of the ROAD and sanity rows: the rows' (the map's method, the weights, torch, the metrics) and the
+#: version of the module that computes them (:data:`iscam.road.ROAD_VERSION`,
+#: :data:`iscam.sanity.SANITY_VERSION`).
+ROAD_STAMPS: tuple[str, ...] = STAMP_COLUMNS + ("road_version",)
+SANITY_STAMPS: tuple[str, ...] = STAMP_COLUMNS + ("sanity_version",)
+
+
+@dataclass
+class _RoadUnit:
+    """The ROAD rows one base method lacks on one fixed batch of the first ``road.images`` base images."""
+
+    spec: MethodSpec
+    key: dict[str, Any]  # the road table's key columns but file
+    source: tuple[Any, ...]  # the key columns but file of the base rows whose maps it reads
+    stamp: dict[str, Any]
+    indices: list[int]
+
+
+@dataclass
+class _SanityUnit:
+    """The sanity rows one method of a subset lacks on one fixed batch of the first ``images`` base images.
+
+    ``kept[file][mode]``: the stage positions stored with the current stamps (not recomputed); ``redo``: those
+    stored with other stamps (recomputed with ``--recompute-stale``, so no stale row outlives the run)."""
+
+    subset: SanitySpec
+    spec: MethodSpec
+    key: dict[str, Any]  # the sanity table's key columns but file, randomisation and stage
+    stamp: dict[str, Any]
+    indices: list[int]
+    kept: dict[str, dict[str, set[int]]]
+    redo: dict[str, dict[str, set[int]]]
+
+
+def _chunks(indices: Sequence[int], size: int) -> list[list[int]]:
+    return [list(indices[i:i + size]) for i in range(0, len(indices), size)]
+
+
+def _method_setup(config: ExperimentConfig, spec: MethodSpec, setup: Mapping[str, Any]) -> dict[str, Any]:
+    return {**setup, "method": spec.name, "params_key": config.method_key(spec)}
+
+
+def _plan_road(config: ExperimentConfig, base: Sequence[int], dataset: Any, store: ResultsStore,
+               setup: Mapping[str, Any], root: Path | None, rows: pd.DataFrame,
+               rows_present: set[tuple[Any, ...]],
+               rows_scheduled: set[tuple[Any, ...]]) -> tuple[list[_RoadUnit], dict[str, int]]:
+    """The ROAD rows the store lacks (or holds with other stamps), from the keys alone, and the stale counts.
+
+    A ROAD row reads the map of its base row: that row must be stored with the current stamps or computed by
+    this run first; otherwise (``--only road`` on a store without those base rows) a :class:`ConfigError` or
+    :class:`StaleRowsError` says so before the model is loaded."""
+    from .road import ROAD_VERSION
+
+    assert config.road is not None
+    chosen = list(base if config.road.images is None else base[:config.road.images])
+    files = {dataset.files[i] for i in chosen}
+    key_columns = TABLE_KEYS["road"]
+    existing = store.keys("road", with_columns=ROAD_STAMPS)
+    present = set(existing[list(key_columns)].itertuples(index=False, name=None))
+    units: list[_RoadUnit] = []
+    stale: dict[str, int] = {}
+    unsourced: dict[str, int] = {}
+    stale_sources: dict[str, int] = {}
+    for spec in config.methods:
+        method = _method_setup(config, spec, setup)
+        key = {**method, "road_key": config.road.key(config.seed)}
+        source = {**method, "metrics_key": config.metrics.key}
+        row_stamp = provenance.row_stamp(spec.name, model=config.model.name, weights=config.model.weights,
+                                         seed=config.seed, data_root=root)
+        stamp = {**row_stamp, "road_version": ROAD_VERSION}
+        source_tail = tuple(source[c] for c in KEY_COLUMNS[1:])
+        tail = tuple(key[c] for c in key_columns[1:])
+        computed_now = {f for f in files if (f,) + source_tail in rows_scheduled}
+        old_maps = _stale(rows, source, row_stamp, files) - computed_now
+        lacking = {f for f in files if (f,) + source_tail not in rows_present and f not in computed_now}
+        if old_maps:
+            stale_sources[spec.label()] = len(old_maps)
+        if lacking:
+            unsourced[spec.label()] = len(lacking)
+        redo = _stale(existing, key, stamp, files, ROAD_STAMPS)
+        if redo:
+            stale[f"road {spec.label()}"] = len(redo)
+        for chunk in _chunks(chosen, config.batch_size):
+            todo = [i for i in chunk if (dataset.files[i],) + tail not in present or dataset.files[i] in redo]
+            if todo:
+                units.append(_RoadUnit(spec, key, source_tail, stamp, todo))
+    if unsourced:
+        listing = ", ".join(f"{label}: {count}" for label, count in unsourced.items())
+        raise ConfigError(f"ROAD reads the stored maps of the base rows, which {store.folder} lacks for some "
+                          f"of the first {len(chosen)} base images ({listing}) and this run does not "
+                          "compute: run with --only base,road (or without --only)")
+    if stale_sources:
+        listing = ", ".join(f"{label}: {count}" for label, count in stale_sources.items())
+        raise StaleRowsError(f"ROAD would read base rows of {store.folder} computed by other code or weights "
+                             f"({listing}): recompute them with --only base,road --recompute-stale")
+    return units, stale
+
+
+def _stage_rows(existing: pd.DataFrame, key: Mapping[str, Any], files: set[str], stamp: Mapping[str, Any]
+                ) -> dict[str, tuple[set[int], set[int], int]]:
+    """file -> (stage positions stored with ``stamp``, positions stored with other stamps, the mode's stages)
+    of the stored sanity rows with the key columns ``key``."""
+    rows = _matching(existing, key, files)
+    if rows.empty:
+        return {}
+    rows = rows.assign(current=_current(rows, stamp, SANITY_STAMPS))
+    found = {}
+    for file, group in rows.groupby("file"):
+        stages = group["stage"].astype(int)
+        found[str(file)] = (set(stages[group["current"]]), set(stages[~group["current"]]),
+                            int(group["n_stages"].max()))
+    return found
+
+
+def _plan_sanity(config: ExperimentConfig, base: Sequence[int], dataset: Any, store: ResultsStore,
+                 setup: Mapping[str, Any], root: Path | None) -> tuple[list[_SanityUnit], dict[str, int]]:
+    """The sanity rows the store lacks (or holds with other stamps), from the keys alone.
+
+    The stages of a mode are known from the stored rows (their ``n_stages``), so a store that holds every row
+    is recognised without the model; an image with no row of a mode yet is computed whole."""
+    from .sanity import SANITY_VERSION, spread_positions
+
+    existing = store.keys("sanity", with_columns=[*SANITY_STAMPS, "n_stages"])
+    units: list[_SanityUnit] = []
+    stale: dict[str, int] = {}
+    for subset in config.sanity:
+        chosen = list(base if subset.images is None else base[:subset.images])
+        files = {dataset.files[i] for i in chosen}
+        for spec in _sanity_methods(config, subset):
+            key = _method_setup(config, spec, setup)
+            row_stamp = provenance.row_stamp(spec.name, model=config.model.name, weights=config.model.weights,
+                                             seed=config.seed, data_root=root)
+            stamp = {**row_stamp, "sanity_version": SANITY_VERSION}
+            kept: dict[str, dict[str, set[int]]] = {f: {} for f in files}
+            redo: dict[str, dict[str, set[int]]] = {f: {} for f in files}
+            complete: set[tuple[str, str]] = set()
+            for mode in subset.modes:
+                randomisation = {"randomisation": subset.randomisation(mode, config.seed)}
+                stored = _stage_rows(existing, {**key, **randomisation}, files, stamp)
+                for file, (current, old, total) in stored.items():
+                    kept[file][mode], redo[file][mode] = current, old
+                    if old:
+                        label = f"sanity {spec.label()}"
+                        stale[label] = stale.get(label, 0) + len(old)
+                    if not old and set(spread_positions(total, subset.stages)) <= current:
+                        complete.add((file, mode))
+            for chunk in _chunks(chosen, config.batch_size):
+                todo = [dataset.files[i] for i in chunk]
+                todo = [f for f in todo if any((f, mode) not in complete for mode in subset.modes)]
+                if todo:
+                    indices = [i for i in chunk if dataset.files[i] in todo]
+                    units.append(_SanityUnit(subset, spec, key, stamp, indices, {f: kept[f] for f in todo},
+                                             {f: redo[f] for f in todo}))
+    return units, stale
+
+
+def _sanity_methods(config: ExperimentConfig, subset: SanitySpec) -> list[MethodSpec]:
+    """The config's methods a sanity subset checks (all of them when it names none)."""
+    return [spec for spec in config.methods if not subset.methods or spec.name in subset.methods]
+
+
+def _sanity_stages(config: ExperimentConfig, model: torch.nn.Module,
+                   probe: torch.Tensor) -> dict[str, list[Any]]:
+    """Every stage of each sanity subset (:func:`iscam.sanity.randomisation_stages`), found once the model is
+    loaded and before any row is computed, so a bad ``granularity`` stops the run before any work."""
+    from .sanity import parameterised_layers, randomisation_stages
+
+    stages = {}
+    for subset in config.sanity:
+        granularity = subset.granularity if isinstance(subset.granularity, str) else list(subset.granularity)
+        try:
+            layers = parameterised_layers(model, probe, granularity)
+        except (ValueError, TypeError, AttributeError, KeyError) as error:
+            raise ConfigError(f"sanity.{subset.name}.granularity: {error}") from None
+        stages[subset.name] = randomisation_stages(layers, subset.modes)
+    return stages
+
+
+def _road_sources(store: ResultsStore, units: Sequence[_RoadUnit]) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """The stored base rows the ROAD units read (map, map_shape, target, index), by their full key."""
+    frame = store.read(columns=["index", "target", "map", "map_shape"])
+    sources = {unit.source for unit in units}
+    tails = list(frame[list(KEY_COLUMNS[1:])].itertuples(index=False, name=None))
+    frame = frame[[tail in sources for tail in tails]]
+    return {(row["file"],) + tuple(row[c] for c in KEY_COLUMNS[1:]): row for row in frame.to_dict("records")}
+
+
+def _road_rows(unit: _RoadUnit, config: ExperimentConfig, runner: _BatchRunner, layer: str, batch: Any,
+               sources: Mapping[tuple[Any, ...], Mapping[str, Any]], std: Sequence[float],
+               rank: int) -> list[dict[str, Any]]:
+    """ROAD rows of one unit's images: their stored maps rebuilt (:func:`iscam.methods.reconstruct`; the
+    random baseline's from its seed), MoRF and LeRF curves at the config's fractions with ROAD's noise seeded
+    by :func:`~iscam.config.road_seed`, explaining the stored row's target. Images without a stored base row
+    (unreadable when the rows were computed) have no ROAD row."""
+    from . import methods as iscam_methods
+    from .road import road_curve, road_noise, road_scores
+
+    assert config.road is not None
+    keep = [i for i, file in enumerate(batch.files) if (file,) + unit.source in sources]
+    if not keep:
+        return []
+    files = [batch.files[i] for i in keep]
+    device = runner.device
+    x = batch.x[keep].to(device)
+    size = (x.shape[-2], x.shape[-1])
+    method = MethodRunner(unit.spec, runner.model.model, layer, config)
+    stored = [sources[(file,) + unit.source] for file in files]
+    maps = []
+    for file, row in zip(files, stored):
+        values = np.asarray(row["map"], dtype=np.float32)
+        raw = None if values.size == 0 else torch.tensor(values).view(1, *(int(v) for v in row["map_shape"]))
+        maps.append(iscam_methods.reconstruct(unit.spec.name, raw, size, unit.spec.params,
+                                              seed=method.seed(file)))
+    saliency = torch.cat(maps).to(device)
+    targets = [int(row["target"]) for row in stored]
+    target = torch.tensor(targets, device=device)
+    seeds = [road_seed(config.seed, file) for file in files]
+    before = runner.model.forwards
+    start = time.perf_counter()
+    with torch.no_grad(), _autocast(device, config.precision):
+        curves = {order: road_curve(runner.model, x, saliency, target, order=order,
+                                    fractions=config.road.fractions, noise=road_noise(std), seed=seeds,
+                                    batch_size=runner.metric_batch).float().cpu()
+                  for order in ("morf", "lerf")}
+    _sync(device)
+    seconds = time.perf_counter() - start
+    forwards = runner.model.forwards - before
+    scores = road_scores(curves["morf"], curves["lerf"])
+    count = len(files)
+    return [{
+        "file": file, **unit.key, "index": int(stored[i]["index"]), "label": int(batch.labels[keep[i]]),
+        "target": targets[i], "road_fractions": list(config.road.fractions), "road_seed": seeds[i],
+        "road_morf_curve": curves["morf"][i].tolist(), "road_lerf_curve": curves["lerf"][i].tolist(),
+        "road_morf": float(scores.morf[i]), "road_lerf": float(scores.lerf[i]),
+        "road_gap": float(scores.gap[i]), **unit.stamp, "road_seconds": seconds / count,
+        "road_forward_count": round(forwards / count), "rank": rank,
+    } for i, file in enumerate(files)]
+
+
+def _sanity_rows(unit: _SanityUnit, config: ExperimentConfig, model: torch.nn.Module, layer: str, batch: Any,
+                 stages: Sequence[Any], computed: set[tuple[Any, ...]], device: torch.device,
+                 rank: int) -> list[dict[str, Any]]:
+    """Sanity rows of one unit's images (:func:`iscam.sanity.sanity_rows`) at the stage positions they lack.
+
+    The method is built as the base rows build it (:meth:`MethodRunner.kwargs_for`): a stochastic method gets
+    each image's seed, so it runs one image at a time; a deterministic one runs on the images that lack the
+    same stages together. ``computed`` holds the rows this run wrote (subsets may overlap)."""
+    from .sanity import SIMILARITY_METRICS, sanity_rows, spread_positions
+
+    method = MethodRunner(unit.spec, model, layer, config, config.forward_batch_size)
+    totals = {mode: sum(stage.mode == mode for stage in stages) for mode in unit.subset.modes}
+    keys = {mode: unit.subset.randomisation(mode, config.seed) for mode in unit.subset.modes}
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, file in enumerate(batch.files):
+        needed = []
+        for mode in unit.subset.modes:
+            wanted = set(spread_positions(totals[mode], unit.subset.stages))
+            wanted |= unit.redo[file].get(mode, set())
+            wanted -= unit.kept[file].get(mode, set())
+            wanted -= {k for k in wanted if _sanity_id(file, unit, keys[mode], k) in computed}
+            needed.append((mode, tuple(sorted(wanted))))
+        if any(positions for _, positions in needed):
+            groups.setdefault((tuple(needed), file if method.cls.stochastic else None), []).append(i)
+    rows: list[dict[str, Any]] = []
+    for (needed, _), members in groups.items():
+        wanted = dict(needed)
+        chosen = [stage for stage in stages if stage.index in wanted[stage.mode]]
+        files = [batch.files[i] for i in members]
+        start = time.perf_counter()
+        found = sanity_rows(model, batch.x[members].to(device), {unit.spec.name: method.kwargs_for(files[0])},
+                            layer=layer, stages=chosen, seed=config.seed)
+        _sync(device)
+        seconds = (time.perf_counter() - start) / max(1, len(found))
+        for row in found:
+            position = members[row["image"]]
+            file = batch.files[position]
+            rows.append({
+                "file": file, **unit.key, "randomisation": keys[row["mode"]], "stage": int(row["stage"]),
+                "mode": row["mode"], "randomised": row["randomised"],
+                "n_randomised": int(row["n_randomised"]), "n_stages": totals[row["mode"]],
+                "index": int(batch.indices[position]), "label": int(batch.labels[position]),
+                "target": int(row["target"]), **{metric: float(row[metric]) for metric in SIMILARITY_METRICS},
+                **unit.stamp, "sanity_seconds": seconds, "rank": rank})
+            computed.add(_sanity_id(file, unit, keys[row["mode"]], int(row["stage"])))
+    return rows
+
+
+def _sanity_id(file: str, unit: _SanityUnit, randomisation: str, stage: int) -> tuple[Any, ...]:
+    """A sanity row's key within one run (the setup is the run's)."""
+    return (file, unit.spec.name, unit.key["params_key"], randomisation, stage)
+
+
+def _fill_tables(config: ExperimentConfig, store: ResultsStore, dataset: Any, runner: _BatchRunner,
+                 layer: str, stages: Mapping[str, Sequence[Any]], road_units: Sequence[_RoadUnit],
+                 sanity_units: Sequence[_SanityUnit], dist: _Dist, counts: dict[str, dict[str, Any]], *,
+                 tqdm: Any, progress: bool, data_module: Any) -> None:
+    """This rank's share of the ROAD and sanity units (unit ``j`` goes to rank ``j % WORLD_SIZE``), each
+    written as one atomic part of its table, so a kill loses at most the unit in flight."""
+    work: list[tuple[str, Any]] = [("road", unit) for unit in road_units[dist.rank::dist.world]]
+    work += [("sanity", unit) for unit in sanity_units[dist.rank::dist.world]]
+    sources = _road_sources(store, road_units) if road_units else {}
+    computed: set[tuple[Any, ...]] = set()
+    bar = tqdm(total=sum(len(unit.indices) for _, unit in work), desc=f"{config.model.name} ROAD + sanity",
+               unit="img", disable=not progress, dynamic_ncols=True,
+               position=dist.rank if dist.active else None, leave=True)
+    try:
+        for table, unit in work:
+            for batch in data_module.iter_batches(dataset, len(unit.indices), indices=unit.indices):
+                if table == "road":
+                    rows = _road_rows(unit, config, runner, layer, batch, sources, dataset.preprocess.std,
+                                      dist.rank)
+                    seconds = sum(row["road_seconds"] for row in rows)
+                else:
+                    rows = _sanity_rows(unit, config, runner.model.model, layer, batch,
+                                        stages[unit.subset.name], computed, runner.device, dist.rank)
+                    seconds = sum(row["sanity_seconds"] for row in rows)
+                store.write_part(rows, table=table)
+                counts[table]["rows"] += len(rows)
+                counts[table]["seconds"] += seconds
+            bar.update(len(unit.indices))
+    finally:
+        bar.close()
+
+
+# --------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------
 
 def _default_command(config: ExperimentConfig, out: Path) -> str:
     return f"iscam run {shlex.quote(config.name)} --out {shlex.quote(str(out))}"
-
-
-def _stale(existing: Any, key_tail: Mapping[str, Any], stamp: Mapping[str, Any], files: set[str]) -> set[str]:
-    """Files of ``files`` whose stored row (same key) has other stamps than ``stamp``."""
-    if existing.empty:
-        return set()
-    rows = existing
-    for column, value in key_tail.items():
-        rows = rows[rows[column] == value]
-    rows = rows[rows["file"].isin(files)]
-    if rows.empty:
-        return set()
-    same = None
-    for column in STAMP_COLUMNS:
-        if column == "iscam_version":  # recorded, never a reason to recompute (the algorithm versions are)
-            continue
-        match = rows[column].astype(str) == str(stamp[column]) if column in rows else False
-        same = match if same is None else (same & match)
-    return set(rows.loc[~same, "file"]) if same is not None else set()
 
 
 def run(config: ExperimentConfig, *, out: str | os.PathLike[str] | None = None,
@@ -708,7 +1073,8 @@ def run(config: ExperimentConfig, *, out: str | os.PathLike[str] | None = None,
             _barrier(dist)
             summary = _run_locked(config, studies, store, dataset, manifest, root, layer, torch_device, dist,
                                   started=started, command=command, progress=progress,
-                                  recompute_stale=recompute_stale, tqdm=tqdm, data_module=iscam_data)
+                                  recompute_stale=recompute_stale, tqdm=tqdm, data_module=iscam_data,
+                                  tables=[t for t in _table_studies(config) if not only or t in only])
             _barrier(dist)
         return summary
     finally:
@@ -721,7 +1087,7 @@ def run(config: ExperimentConfig, *, out: str | os.PathLike[str] | None = None,
 def _run_locked(config: ExperimentConfig, studies: list[PlannedStudy], store: ResultsStore, dataset: Any,
                 manifest: Path, root: Path | None, layer: str, device: torch.device, dist: _Dist, *,
                 started: str, command: str, progress: bool, recompute_stale: bool, tqdm: Any,
-                data_module: Any) -> RunSummary:
+                data_module: Any, tables: Sequence[str] = ()) -> RunSummary:
     weights = "none" if config.model.weights is None else str(config.model.weights)
     existing = store.keys(with_columns=STAMP_COLUMNS)
     present = set(existing[list(KEY_COLUMNS)].itertuples(index=False, name=None))
@@ -751,14 +1117,24 @@ def _run_locked(config: ExperimentConfig, studies: list[PlannedStudy], store: Re
             for chunk in todo:
                 scheduled.update((dataset.files[i],) + tail for i in chunk)
             work.append((planned, spec, fixed, stamp, [c for c in todo if c]))
+    setup = {"model": config.model.name, "weights": weights, "resize": config.model.preprocessing, "layer": layer,
+             "precision": config.precision}
+    base = select_indices(len(dataset.files), config.data)
+    road_units: list[_RoadUnit] = []
+    sanity_units: list[_SanityUnit] = []
+    if "road" in tables:
+        road_units, stale = _plan_road(config, base, dataset, store, setup, root, existing, present,
+                                       scheduled)
+        stale_total.update(stale)
+    if "sanity" in tables:
+        sanity_units, stale = _plan_sanity(config, base, dataset, store, setup, root)
+        stale_total.update(stale)
     if stale_total and not recompute_stale:
         listing = ", ".join(f"{label}: {count}" for label, count in stale_total.items())
         raise StaleRowsError(f"{store.folder} holds rows of this run computed by other code or weights "
                              f"({listing} rows; their stamps {', '.join(STAMP_COLUMNS[1:])} differ): rerun with "
                              "--recompute-stale to recompute them, or use another --out")
     missing = sum(len(c) for *_, todo in work for c in todo)
-    setup = {"model": config.model.name, "weights": weights, "resize": config.model.preprocessing, "layer": layer,
-             "precision": config.precision}
     artifacts = [(p, *_missing_artifacts(config, p, store, setup)) for p in studies if p.study.figures]
     artifacts = [(p, images, key) for p, images, key in artifacts if images or key is not None]
     needs_figures = bool(artifacts) and dist.rank == 0
@@ -774,13 +1150,17 @@ def _run_locked(config: ExperimentConfig, studies: list[PlannedStudy], store: Re
     written = 0
     costs: dict[str, Cost] = {}
     bad_files: set[str] = set()
-    if missing or needs_figures:
+    table_counts = {name: {"rows": 0, "seconds": 0.0} for name in tables}
+    if missing or needs_figures or road_units or sanity_units:
         loaded = _load_model(config, root, device)
         model = loaded.model
         dataset.preprocess = loaded.preprocess  # the planning used the architecture's default preprocessing
         from .layers import resolve_layer
 
         resolve_layer(model, layer)  # a wrong target layer fails here, before any image is computed
+        size = dataset.preprocess.size  # the layers' forward order does not depend on the pixels
+        probe = torch.zeros(1, 3, size, size, device=device)
+        stages = _sanity_stages(config, model, probe) if sanity_units else {}
         runner = _BatchRunner(config, model, device)
         runner.has_boxes = dataset.has_boxes
         for planned, spec, fixed, stamp, todo in work:
@@ -813,6 +1193,11 @@ def _run_locked(config: ExperimentConfig, studies: list[PlannedStudy], store: Re
         if needs_figures:
             for planned, images, key in artifacts:
                 _figure_artifacts(config, planned, dataset, model, layer, device, store, images, key)
+        if road_units or sanity_units:  # the same on every rank: planned from the same keys
+            runner.config = config
+            _barrier(dist)  # ROAD reads the maps every rank has written
+            _fill_tables(config, store, dataset, runner, layer, stages, road_units, sanity_units, dist,
+                         table_counts, tqdm=tqdm, progress=progress, data_module=data_module)
     else:
         log.info("%s: every row is already in the store", config.name)
     planned_files = {f for p in studies for f in p.files}
@@ -821,11 +1206,13 @@ def _run_locked(config: ExperimentConfig, studies: list[PlannedStudy], store: Re
                           "see the warnings above")
 
     gathered = _gather(dist, {"cost": {k: v.__dict__ for k, v in costs.items()}, "written": written,
-                              "bad": sorted(bad_files)})
+                              "bad": sorted(bad_files), "tables": table_counts})
     total_costs: dict[str, Cost] = {}
     for part in gathered:
         for label, values in part["cost"].items():
             total_costs.setdefault(label, Cost()).merge(Cost(**values))
+    table_summary = {name: {measure: sum(part["tables"][name][measure] for part in gathered)
+                            for measure in ("rows", "seconds")} for name in tables}
     cost = {label: value.per_image() for label, value in total_costs.items()}
     final = None
     if dist.rank == 0:
@@ -838,13 +1225,13 @@ def _run_locked(config: ExperimentConfig, studies: list[PlannedStudy], store: Re
             images={label: int(c["images"]) for label, c in cost.items()},
             written=sum(p["written"] for p in gathered)),
             "status": "complete", "cost": cost, "unreadable": unreadable,
-            "stale_recomputed": sum(stale_total.values())}
+            "stale_recomputed": sum(stale_total.values()), "tables": table_summary}
         store.write_provenance(final)
     return RunSummary(out=store.folder, rows_written=written,
                       rows_skipped=len(wanted) - missing,
                       images_skipped=sorted(bad_files), cost=cost, provenance=final,
                       stale_recomputed=sum(stale_total.values()),
-                      skipped_manifest_rows=len(getattr(dataset, "skipped_rows", [])))
+                      skipped_manifest_rows=len(getattr(dataset, "skipped_rows", [])), tables=table_summary)
 
 
 def _load_model(config: ExperimentConfig, root: Path | None, device: torch.device) -> Any:
@@ -869,6 +1256,8 @@ def describe(summary: RunSummary) -> list[str]:
         lines.append(f"  {label}: {cost['seconds']:.3f} s/image (map {cost['map_seconds']:.3f} s + metrics "
                      f"{cost['metric_seconds']:.3f} s), {cost['forwards']:.0f} + {cost['metric_forwards']:.0f} "
                      f"forward passes (map + metrics) on {int(cost['images'])} images")
+    for name, counts in summary.tables.items():
+        lines.append(f"  {name}: {int(counts['rows'])} rows computed in {counts['seconds']:.1f} s")
     if summary.stale_recomputed:
         lines.append(f"  recomputed {summary.stale_recomputed} stale row(s)")
     if summary.skipped_manifest_rows:

@@ -84,6 +84,7 @@ __all__ = [
     "INSENSITIVE_THRESHOLD",
     "MODES",
     "SANITY_COLUMNS",
+    "SANITY_VERSION",
     "SIMILARITY_METRICS",
     "SSIM_SIGMA",
     "SSIM_WINDOW",
@@ -95,10 +96,15 @@ __all__ = [
     "randomised_copy",
     "sanity_rows",
     "similarity",
+    "spread_positions",
+    "spread_stages",
     "stage_seed",
     "summarise",
 ]
 
+#: Bumped whenever a change to this module changes the values of a sanity row; the runner stores it with
+#: every row of the store's ``sanity`` table, so rows of older code are recomputed, never mixed.
+SANITY_VERSION = 1
 #: ``granularity=`` choices of :func:`parameterised_layers`.
 GRANULARITIES: tuple[str, ...] = ("block", "module")
 #: Randomisation modes: from the logits down, one more layer per stage; or one layer at a time.
@@ -205,6 +211,35 @@ def randomisation_stages(layers: Sequence[str], modes: Sequence[str] = MODES) ->
             chosen = tuple(top_down[:k]) if mode == "cascading" else (layer,)
             stages.append(Stage(mode, k, layer, chosen))
     return stages
+
+
+def spread_positions(total: int, count: int | None) -> list[int]:
+    """``count`` of the stage positions ``1 ... total`` spread evenly, the first and the last included:
+    ``spread_positions(15, 4) == [1, 6, 10, 15]``. ``count=1`` keeps the last alone (cascading's fully
+    randomised model); ``None`` or ``count >= total`` keeps them all."""
+    if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+        raise ValueError(f"total must be a positive int (the stages of a mode), got {total!r}")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ValueError(f"count must be a positive int or None (every stage), got {count!r}")
+    if count is None or count >= total:
+        return list(range(1, total + 1))
+    if count == 1:
+        return [total]
+    # floor(v + 0.5), not round(): banker's rounding could give two steps the same position
+    return [1 + math.floor((total - 1) * i / (count - 1) + 0.5) for i in range(count)]
+
+
+def spread_stages(stages: Sequence[Stage], count: int | None) -> list[Stage]:
+    """The stages of each mode of ``stages`` (as :func:`randomisation_stages` returns them) at the
+    :func:`spread_positions` of ``count``, in their order: fewer points of the same curves (a cascading stage
+    k re-initialises the top k layers whichever other stages are computed, so the rows are those of the full
+    run)."""
+    chosen: list[Stage] = []
+    for mode in dict.fromkeys(stage.mode for stage in stages):
+        of_mode = [stage for stage in stages if stage.mode == mode]
+        wanted = set(spread_positions(len(of_mode), count))
+        chosen.extend(stage for position, stage in enumerate(of_mode, start=1) if position in wanted)
+    return chosen
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -347,7 +382,8 @@ def summarise(rows: Sequence[Mapping[str, Any]] | pd.DataFrame, *,
               metrics: Sequence[str] = SIMILARITY_METRICS, n_boot: int = 10000, seed: int = 0,
               level: float = 0.95) -> pd.DataFrame:
     """Mean and percentile-bootstrap interval (:func:`iscam.stats.bootstrap_ci`) of each metric per method and
-    stage, one row per (method, mode, stage, metric).
+    stage, one row per (method, mode, stage, metric). ``rows``: those of :func:`sanity_rows`, or a store's
+    ``sanity`` table (``ResultsStore.read(table="sanity")``, narrowed to one setup and parameter set).
 
     Columns: ``method, mode, stage, randomised, n_randomised, metric, mean, low, high, n, n_undefined`` --
     ``n`` images with a defined value, ``n_undefined`` with NaN (constant maps), left out of the mean; with no
@@ -635,10 +671,14 @@ def _pearson(u: np.ndarray, v: np.ndarray) -> float:
     return max(-1.0, min(1.0, suv / math.sqrt(suu * svv)))
 
 
+# What the summaries read: the rows of sanity_rows or the store's sanity table (keyed by file, not "image").
+_SUMMARY_COLUMNS = ("method", "mode", "stage", "randomised", "n_randomised") + SIMILARITY_METRICS
+
+
 def _rows_frame(rows: Sequence[Mapping[str, Any]] | pd.DataFrame) -> pd.DataFrame:
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
-    missing = [c for c in SANITY_COLUMNS if c not in frame.columns]
+    missing = [c for c in _SUMMARY_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"rows lack column(s) {', '.join(missing)}; expected the rows of sanity_rows "
-                         f"({', '.join(SANITY_COLUMNS)})")
+                         f"({', '.join(SANITY_COLUMNS)}) or of a store's sanity table")
     return frame

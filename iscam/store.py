@@ -4,7 +4,7 @@ A store is a folder::
 
     results/<profile>/
         parts/part-r<rank>-<time>-<sha256>.parquet    # rows written by the runner, one part per (method, batch)
-        tables/<name>/part-...parquet                 # the other tables: traces (Fig. 1), images, sanity
+        tables/<name>/part-...parquet                 # the other tables: traces (Fig. 1), images, sanity, road
         results-<time>-<sha256>.parquet               # optional: the rows merged by :meth:`ResultsStore.compact`
         <name>-<time>-<sha256>.parquet                # ... and each other table merged
         run.json                                      # the latest run: its config, plan and provenance
@@ -124,6 +124,9 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "images": ("file", "model", "resize"),
     # saliency sanity checks: one row per (image, setup, method, parameters, randomisation, stage)
     "sanity": KEY_COLUMNS[:-1] + ("randomisation", "stage"),
+    # ROAD, from the base rows' stored maps: one row per (image, setup, method, parameters, ROAD settings); no
+    # metrics_key, since ROAD reads only the map
+    "road": KEY_COLUMNS[:-1] + ("road_key",),
 }
 
 _PARTS = "parts"

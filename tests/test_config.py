@@ -219,3 +219,84 @@ def test_bad_manifest_policy_is_a_config_error() -> None:
     assert load_config("smoke", ["data.on_bad_rows=skip"]).data.on_bad_rows == "skip"
     with pytest.raises(ConfigError, match="data.on_bad_rows must be one of error, skip"):
         load_config("smoke", ["data.on_bad_rows=drop"])
+
+
+# --------------------------------------------------------------------------------------------------
+# ROAD and sanity sections: the tables beside the rows
+# --------------------------------------------------------------------------------------------------
+
+def test_road_and_sanity_sections_are_validated_keyed_and_reachable_with_set() -> None:
+    config = load_config("smoke")
+    assert config.road.images == 2 and config.road.fractions == (0.1, 0.5, 0.9)
+    assert config.road.key(0) == '{"fractions":[0.1,0.5,0.9],"seed":0}'
+    assert [s.name for s in config.sanity] == ["single_pass", "multi_pass"]
+    multi = config.sanity[1]
+    assert (multi.images, multi.methods, multi.modes, multi.stages, multi.granularity) == (
+        1, ("smoothgradcampp", "scorecam", "sscam", "iscam"), ("cascading",), 2, "block")
+    assert multi.randomisation("cascading", 3) == '{"granularity":"block","mode":"cascading","seed":3}'
+    listed = {"x": {"granularity": ["features.1", "classifier"]}}
+    named = config_from_dict({**config.to_dict(), "sanity": listed})
+    assert named.sanity[0].randomisation("independent", 0) == (
+        '{"granularity":["features.1","classifier"],"mode":"independent","seed":0}')
+    assert named.sanity[0].modes == ("cascading", "independent") and named.sanity[0].methods == ()
+    # --set reaches both, and null turns them off
+    changed = load_config("smoke", ["road.images=5", "sanity.multi_pass.stages=4",
+                                    "sanity.extra.methods=[gradcam]"])
+    assert changed.road.images == 5 and changed.road.fractions == (0.1, 0.5, 0.9)
+    assert changed.sanity[1].stages == 4 and changed.sanity[2].name == "extra"
+    assert changed.sanity[2].images is None and changed.sanity[2].granularity == "block"
+    assert [s.name for s in load_config("smoke", ["sanity.multi_pass=null"]).sanity] == ["single_pass"]
+    off = load_config("smoke", ["road=null", "sanity=null"])
+    assert off.road is None and off.sanity == ()
+    on = load_config("smoke", ["road=null", "road.images=1"])
+    assert on.road.images == 1 and on.road.fractions == (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    assert load_config("smoke", ["sanity=null", "sanity.all.images=1"]).sanity[0].name == "all"
+    for name in SHIPPED:
+        shipped = load_config(name)
+        assert config_from_dict(shipped.to_dict()) == shipped
+        # the base rows' config carries neither: changing them never changes a study of the rows table
+        assert shipped.base().road is None and shipped.base().sanity == ()
+        assert all(s.config.road is None and s.config.sanity == () for s in expand(shipped))
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("road.images=0", "road.images must be >= 1"),
+    ("road.fractions=[0.5, 0.2]", r"road.fractions must be strictly increasing, got \[0.5, 0.2\]"),
+    ("road.fractions=[0.1, 1.0]", r"road.fractions must be numbers in \[0, 1\)"),
+    ("road.fractions=[]", "road.fractions must be a non-empty list"),
+    ("road.colour=red", "unknown key 'road.colour'"),
+    ("road=3", "road must be a mapping"),
+    ("sanity=[gradcam]", "sanity must be a mapping of subset name"),
+    ("sanity.multi_pass.modes=[sideways]", "sanity.multi_pass.modes must be one of cascading, independent"),
+    ("sanity.multi_pass.modes=[cascading, cascading]", "sanity.multi_pass.modes lists a mode twice"),
+    ("sanity.multi_pass.granularity=leaf", "sanity.multi_pass.granularity must be one of block, module"),
+    ("sanity.multi_pass.granularity=[]", "sanity.multi_pass.granularity must be one of block, module or a"),
+    ("sanity.multi_pass.methods=[fancycam]", "unknown method 'fancycam'"),
+    ("sanity.multi_pass.stages=0", "sanity.multi_pass.stages must be >= 1"),
+    ("sanity.multi_pass.images=two", "sanity.multi_pass.images must be an integer"),
+    ("sanity.multi_pass.layers=3", "unknown key 'layers' in sanity.multi_pass"),
+])
+def test_bad_road_and_sanity_settings_name_the_field(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config("smoke", [override])
+
+
+def test_spread_stages_keep_the_first_and_the_fully_randomised_stage() -> None:
+    from iscam.sanity import randomisation_stages, spread_positions, spread_stages
+
+    assert spread_positions(15, 4) == [1, 6, 10, 15]  # 1 + 14 * i / 3, rounded half up
+    assert spread_positions(15, 3) == [1, 8, 15] and spread_positions(15, 2) == [1, 15]
+    assert spread_positions(15, 1) == [15]
+    assert spread_positions(4, None) == spread_positions(4, 9) == [1, 2, 3, 4]
+    assert spread_positions(16, 5) == [1, 5, 9, 12, 16]  # 3.75 -> 4, 7.5 -> 8, 11.25 -> 11
+    for total in range(1, 30):
+        for count in range(1, total + 1):
+            positions = spread_positions(total, count)
+            assert len(positions) == count and positions == sorted(set(positions)), (total, count)
+            assert positions[-1] == total and (count == 1 or positions[0] == 1)
+    stages = spread_stages(randomisation_stages(["a", "b", "c", "d"]), 2)
+    assert [(s.mode, s.index, s.layers) for s in stages] == [
+        ("cascading", 1, ("d",)), ("cascading", 4, ("d", "c", "b", "a")),
+        ("independent", 1, ("d",)), ("independent", 4, ("a",))]
+    with pytest.raises(ValueError, match="count must be a positive int"):
+        spread_positions(4, 0)

@@ -205,6 +205,7 @@ def test_rerun_of_a_complete_store_loads_no_model_and_a_new_n_adds_only_its_rows
     monkeypatch.setattr("iscam.models.load", lambda *a, **k: loads.append(a) or original_load(*a, **k))
     again = run(load_config("smoke"), out=out, device="cpu", progress=False)
     assert again.rows_written == 0 and loads == []  # complete: nothing loaded, nothing forwarded
+    assert again.tables == {"road": {"rows": 0, "seconds": 0.0}, "sanity": {"rows": 0, "seconds": 0.0}}
     before = ResultsStore(out).read()
     created = []
     original_get = methods_get()
@@ -309,7 +310,8 @@ def test_sigint_then_sigkill_at_random_points_then_resume_equals_uninterrupted(r
 def test_torchrun_two_cpu_processes_write_the_same_store_as_one(reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "torchrun"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "iscam", "run", "smoke", "--out", str(out), "--no-progress", "--device", "cpu", *BASE]
+               "-m", "iscam", "run", "smoke", "--out", str(out), "--no-progress", "--device", "cpu",
+               "--only", "base,road,sanity"]
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     frame = ResultsStore(out).read()
@@ -320,3 +322,171 @@ def test_torchrun_two_cpu_processes_write_the_same_store_as_one(reference: Path,
     provenance = ResultsStore(out).provenance()
     assert provenance["world_size"] == 2 and provenance["rows_written"] == 28
     assert_same_rows(frame, _base(ResultsStore(reference).read()))
+    # the ROAD and sanity units are shared out too, and give the one-process rows
+    for table, columns in (("road", ["road_morf", "road_lerf"]), ("sanity", ["spearman", "ssim", "hog"])):
+        shared, alone = ResultsStore(out).read(table=table), ResultsStore(reference).read(table=table)
+        assert set(shared["rank"]) == {0, 1} and len(shared) == len(alone)
+        for column in columns:
+            np.testing.assert_allclose(shared[column], alone[column], atol=1e-6, err_msg=f"{table} {column}")
+
+
+# --------------------------------------------------------------------------------------------------
+# ROAD and sanity tables (the smoke config: ROAD on 2 images at 3 fractions; sanity on 2 + 1 images, 2 stages)
+# --------------------------------------------------------------------------------------------------
+
+def _runner_model():
+    """The smoke model as the runner loads it (eval, channels-last), its preprocessing and the images."""
+    from iscam.data import ManifestDataset, sample_manifest
+    from iscam.runner import _load_model
+
+    config = load_config("smoke")
+    loaded = _load_model(config, Path(os.environ["ISCAM_DATA"]), torch.device("cpu"))
+    return config, loaded, ManifestDataset(sample_manifest(None, "imagenet-val-sample"), loaded.preprocess)
+
+
+def test_road_rows_are_road_curves_of_the_stored_maps_with_one_seed_per_image(reference: Path,
+                                                                               one_thread: None) -> None:
+    from iscam import methods
+    from iscam.config import image_seed, road_seed
+    from iscam.road import road_curve, road_noise
+
+    store = ResultsStore(reference)
+    road = store.read(table="road")
+    config, loaded, dataset = _runner_model()
+    first_two = list(dict.fromkeys(_base(store.read(curves=False)).sort_values("index")["file"]))[:2]
+    # every base method on the first road.images = 2 base images, nothing else
+    assert len(road) == 14 and set(road["file"]) == set(first_two)
+    assert sorted(road["method"].unique()) == sorted(m.name for m in config.methods)
+    assert set(road["road_key"]) == {'{"fractions":[0.1,0.5,0.9],"seed":0}'}
+    for column in ("road_morf", "road_lerf"):
+        assert road[column].between(0, 1).all(), column
+    np.testing.assert_allclose(road["road_gap"], road["road_lerf"] - road["road_morf"], atol=1e-7)
+    np.testing.assert_allclose(road["road_morf"], road["road_morf_curve"].map(np.mean), atol=1e-7)
+    assert set(road["road_fractions"].map(tuple)) == {(0.1, 0.5, 0.9)}
+    assert set(road["road_morf_curve"].map(len)) == {3} and set(road["road_lerf_curve"].map(len)) == {3}
+    # paired: one noise seed per image, the same for every method
+    assert (road.groupby("file")["road_seed"].nunique() == 1).all()
+    assert (road["road_seed"] == road["file"].map(lambda f: road_seed(0, f))).all()
+    for column in ("road_version", *STAMP_COLUMNS):
+        assert road[column].notna().all(), column
+    # each row equals road_curve on the map rebuilt from the base row, explaining the base row's target
+    rows = _base(store.read(curves=False)).set_index(["file", "method"])
+    for method in ("gradcam", "sscam", "random"):
+        spec = next(m for m in config.methods if m.name == method)
+        for file in first_two:
+            base_row = rows.loc[(file, method)]
+            road_row = road[(road["file"] == file) & (road["method"] == method)]
+            raw = None if method == "random" else torch.tensor(np.asarray(base_row["map"], np.float32)).view(
+                1, *base_row["map_shape"])
+            saliency = methods.reconstruct(method, raw, (128, 128), spec.params,
+                                           seed=image_seed(0, method, file) if method == "random" else None)
+            x = dataset[int(base_row["index"])].image[None]
+            for order in ("morf", "lerf"):
+                direct = road_curve(loaded.model, x, saliency, int(base_row["target"]), order=order,
+                                    fractions=(0.1, 0.5, 0.9), noise=road_noise(loaded.preprocess.std),
+                                    seed=road_seed(0, file))
+                np.testing.assert_allclose(road_row[f"road_{order}_curve"].iloc[0], direct[0].numpy(),
+                                           atol=1e-5, err_msg=f"{method} {order}")
+
+
+def test_sanity_rows_are_sanity_rows_with_the_runner_methods_and_seeds(reference: Path,
+                                                                        one_thread: None) -> None:
+    from iscam import sanity
+    from iscam.config import image_seed, method_kwargs
+
+    store = ResultsStore(reference)
+    rows = store.read(table="sanity")
+    config, loaded, dataset = _runner_model()
+    base = _base(store.read(curves=False)).sort_values("index")
+    files = list(dict.fromkeys(base["file"]))
+    # single_pass: 3 methods x 2 images x 2 modes x 2 stages; multi_pass: 4 methods x 1 image x cascading x 2
+    assert len(rows) == 3 * 2 * 2 * 2 + 4 * 1 * 1 * 2
+    assert set(rows["stage"]) == {1, 15} and set(rows["n_stages"]) == {15}  # spread_positions(15, 2)
+    multi = rows[rows["method"].isin(["smoothgradcampp", "scorecam", "sscam", "iscam"])]
+    assert len(multi) == 8 and set(multi["mode"]) == {"cascading"} and set(multi["file"]) == {files[0]}
+    assert set(rows["file"]) == set(files[:2])
+    assert set(rows["randomisation"]) == {'{"granularity":"block","mode":"cascading","seed":0}',
+                                          '{"granularity":"block","mode":"independent","seed":0}'}
+    full = rows[rows["stage"] == 15]
+    assert set(full.loc[full["mode"] == "cascading", "n_randomised"]) == {15}
+    assert set(full.loc[full["mode"] == "independent", "randomised"]) == {"features.0"}
+    for metric in sanity.SIMILARITY_METRICS:
+        assert rows[metric].dropna().between(-1, 1).all(), metric
+    assert (rows.merge(base[["file", "method", "target"]], on=["file", "method"], suffixes=("", "_base"))
+            .eval("target == target_base").all())  # the class the base rows explain
+    # the summaries read the stored table as they read sanity_rows' rows
+    flags = sanity.insensitive_methods(rows, n_boot=200)
+    assert sorted(flags["method"]) == sorted(m.name for m in config.methods) and set(flags["stage"]) == {15}
+    assert set(sanity.summarise(rows, n_boot=200)["stage"]) == {1, 15}
+    layers = sanity.parameterised_layers(loaded.model, dataset[0].image[None])
+    stages = [s for s in sanity.randomisation_stages(layers) if s.index in (1, 15)]
+    for method, file in (("gradcam", files[1]), ("random", files[0]), ("sscam", files[0])):
+        spec = next(m for m in config.methods if m.name == method)
+        kwargs = method_kwargs(config, method, spec.params, forward_batch=config.forward_batch_size)
+        if method in ("random", "sscam"):  # stochastic: the per-image seed of the base rows
+            kwargs["seed"] = image_seed(0, method, file)
+        index = int(base.loc[base["file"] == file, "index"].iloc[0])
+        modes = ("cascading",) if method == "sscam" else ("cascading", "independent")
+        direct = sanity.sanity_rows(loaded.model, dataset[index].image[None], {method: kwargs},
+                                    layer="features.2", stages=[s for s in stages if s.mode in modes], seed=0)
+        stored = rows[(rows["method"] == method) & (rows["file"] == file)].set_index(["mode", "stage"])
+        assert len(stored) == len(direct)
+        for row in direct:
+            for metric in sanity.SIMILARITY_METRICS:
+                where = f"{method} {row['mode']} {row['stage']} {metric}"
+                np.testing.assert_allclose(stored.loc[(row["mode"], row["stage"]), metric], row[metric],
+                                           atol=1e-6, err_msg=where)
+
+
+def test_more_road_images_or_sanity_stages_add_only_their_rows(reference: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "smoke"
+    shutil.copytree(reference, out)
+    before = {table: ResultsStore(out).read(table=table) for table in ("road", "sanity")}
+    created = []
+    original_get = methods_get()
+    monkeypatch.setattr("iscam.methods.get",
+                        lambda name, *a, **k: created.append(name) or original_get(name, *a, **k))
+    summary = _pinned_run(load_config("smoke", ["road.images=3", "sanity.multi_pass.stages=3"]), out=out,
+                          device="cpu", progress=False)
+    assert summary.rows_written == 0  # the rows table is complete: only the two tables grow
+    assert summary.tables["road"]["rows"] == 7 and summary.tables["sanity"]["rows"] == 4
+    # the new sanity maps (ROAD rebuilds the stored maps instead)
+    assert set(created) == {"smoothgradcampp", "scorecam", "sscam", "iscam"}
+    road = ResultsStore(out).read(table="road")
+    new = road[~road["file"].isin(before["road"]["file"])]
+    assert len(new) == 7 and new["file"].nunique() == 1 and len(road) == 14 + 7
+    old = road[road["file"].isin(before["road"]["file"])].reset_index(drop=True)
+    pd.testing.assert_frame_equal(old, before["road"])  # untouched
+    sanity_rows = ResultsStore(out).read(table="sanity")
+    added = sanity_rows.merge(before["sanity"][["file", "method", "randomisation", "stage"]], how="left",
+                              indicator=True).query("_merge == 'left_only'")
+    assert sorted(added["method"]) == ["iscam", "scorecam", "smoothgradcampp", "sscam"]
+    assert set(added["stage"]) == {8}  # spread_positions(15, 3) == [1, 8, 15]
+    again = run(load_config("smoke", ["road.images=3", "sanity.multi_pass.stages=3"]), out=out, device="cpu",
+                progress=False)
+    assert again.tables == {"road": {"rows": 0, "seconds": 0.0}, "sanity": {"rows": 0, "seconds": 0.0}}
+
+
+def test_road_without_the_base_rows_or_with_stale_rows_stops_before_the_model_loads(
+        reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from iscam.config import ConfigError
+    from iscam.runner import StaleRowsError
+
+    loads = []
+    monkeypatch.setattr("iscam.models.load", lambda *a, **k: loads.append(a))
+    lacking = r"ROAD reads the stored maps of the base rows.*gradcam: 2.*--only base,road"
+    with pytest.raises(ConfigError, match=lacking):
+        run(load_config("smoke"), out=tmp_path / "empty", device="cpu", progress=False, only=["road"])
+    out = tmp_path / "stale"
+    shutil.copytree(reference, out)
+    store = ResultsStore(out)
+    road = store.read(table="road")
+    store.write_part(road[road["method"] == "gradcam"].assign(road_version=0), table="road")
+    sanity_rows = store.read(table="sanity")
+    store.write_part(sanity_rows[sanity_rows["method"] == "random"].assign(sanity_version=0), table="sanity")
+    with pytest.raises(StaleRowsError, match=r"road gradcam: 2.*sanity random: 8.*--recompute-stale"):
+        run(load_config("smoke"), out=out, device="cpu", progress=False, only=["road", "sanity"])
+    with pytest.raises(ConfigError, match="--only colour: this config has .*road.*sanity"):
+        run(load_config("smoke"), out=out, device="cpu", progress=False, only=["colour"])
+    assert loads == []
