@@ -82,6 +82,7 @@ def load_inputs(spec: dict[str, Any]) -> tuple[nn.Module, str, Tensor, str]:
         dataset = ManifestDataset(sample_manifest(), loaded.preprocess, limit=count)
         x = next(iter(iter_batches(dataset, count))).x
         return loaded.model, loaded.target_layer, x.to(device), f"{count} imagenet-val-sample image(s)"
+    torch.manual_seed(0)  # the same random weights in every child
     model = getattr(torchvision.models, spec["model"])(weights=None).eval().to(device)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(count, 3, spec["size"], spec["size"], generator=generator).to(device)
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a Coral model of iscam.models (real weights, sample images) or a torchvision "
                              "classifier (random weights, random images); default resnet18")
     parser.add_argument("--images", type=int, default=2, help="images timed with batched frames")
-    parser.add_argument("--single-images", type=int, default=1, help="images timed one frame at a time")
+    parser.add_argument("--single-images", type=int, default=1,
+                        help="images timed one frame at a time (0: skip that mode)")
     parser.add_argument("--step", type=int, default=224)
     parser.add_argument("--size", type=int, default=224, help="input side of a torchvision model")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     rows: list[dict[str, Any]] = []
     results: dict[tuple[str, str], dict[str, Any]] = {}
-    configurations = [entry for entry in configurations if entry[2] in args.libraries]
+    configurations = [entry for entry in configurations if entry[2] in args.libraries and entry[4] > 0]
     for part, mode, library, batch_size, images in configurations:
         for allocator in args.allocators:
             spec = {**base, "part": part, "library": library, "allocator": allocator,
@@ -225,11 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         row["equal_across_allocators"] = len(digests) == 1 if len(args.allocators) > 1 else None
 
     max_difference = None
-    if "curves" in args.parts:
+    modes = [mode for part, mode, library, _, _ in configurations if part == "curves" and library == "iscam"]
+    if len(modes) == 2:  # batched and one frame at a time, on their common images
         common = min(args.images, args.single_images)
-        allocator = args.allocators[-1]
-        batched = torch.tensor(results[configurations[0][1], allocator]["curves"])[:common]
-        single = torch.tensor(results[configurations[1][1], allocator]["curves"])[:common]
+        batched, single = (torch.tensor(results[mode, args.allocators[-1]]["curves"])[:common]
+                           for mode in modes)
         max_difference = float((batched - single).abs().max())
 
     sources = sorted({row["source"] for row in rows})

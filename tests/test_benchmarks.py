@@ -159,3 +159,17 @@ def test_metrics_cpu_reports_curves_and_confidence_for_iscam_and_torchcam(
     assert 0 <= payload["max_abs_difference_batched_vs_single"] < 1e-4
     assert 0 <= rows["iscam confidence"]["average_drop"] <= 1
     assert 0 <= rows["TorchCAM DeletionInsertionMetric (batch_size=64)"]["deletion_auc"] <= 1
+
+
+def test_metrics_cpu_random_weights_are_the_same_in_every_child(tmp_path: Path) -> None:
+    """A random-weight torchvision model is seeded in each child: equal curves under both allocators."""
+    out = tmp_path / "metrics-resnet"
+    with loaded_script("metrics_cpu.py", "metrics_cpu") as module:
+        argv = ["--model", "resnet18", "--size", "32", "--step", "256", "--images", "1",
+                "--single-images", "0", "--parts", "curves", "--libraries", "iscam", "--out", str(out)]
+        assert module.main(argv) == 0
+    payload = json.loads(Path(f"{out}.json").read_text())
+    assert [(row["allocator"], row["forwards_per_image"]) for row in payload["rows"]] == [("default", 10),
+                                                                                         ("tuned", 10)]
+    assert all(row["equal_across_allocators"] is True for row in payload["rows"])
+    assert payload["max_abs_difference_batched_vs_single"] is None
