@@ -43,7 +43,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from process_cost import ALLOCATORS, apply_allocator, digest, measured, report_to_parent, run_in_child
+from process_cost import (
+    ALLOCATORS,
+    DEFAULT_ALLOCATORS,
+    apply_allocator,
+    digest,
+    measured,
+    report_to_parent,
+    run_in_child,
+)
 
 from iscam import methods, models
 from iscam.data import IMAGENET_MEAN, IMAGENET_STD, ManifestDataset, Preprocess, sample_manifest
@@ -236,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                         default=["mobilenet_v2_coral", "resnet18"])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=list(LIBRARIES))
-    parser.add_argument("--allocators", nargs="+", choices=ALLOCATORS, default=list(ALLOCATORS),
+    parser.add_argument("--allocators", nargs="+", choices=ALLOCATORS, default=list(DEFAULT_ALLOCATORS),
                         help="allocator settings, each in its own child processes (default: both)")
     parser.add_argument("--size", type=int, default=64, help="input side in pixels (default 64)")
     parser.add_argument("--images", type=int, default=1, help="images per model (default 1)")
@@ -253,13 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     rows, sources = measure(args)
     load_after = os.getloadavg()
+    settings = {row.allocator: row.allocator_settings for row in rows}
     setting = (
         f"{cpu_name()}, {os.cpu_count()} cores, {args.threads} torch thread(s), torch {torch.__version__}; "
         f"input {args.size}x{args.size}, {args.images} image(s) per model ({', '.join(sorted(sources))}); "
         f"iscam batch_size={args.batch_size}, TorchCAM 0.5.0 batch_size=32. Every row ran in a clean child "
         "process of its own; TorchCAM ran under the same allocator setting as iscam (`default`: glibc's "
-        "malloc as it starts, MALLOC_* variables removed; `tuned`: iscam.allocator.tune_allocator(), "
-        f"{next((r.allocator_settings for r in rows if r.allocator == 'tuned'), {})}). Seconds and faults "
+        "malloc as it starts, MALLOC_* variables removed; `tuned`: iscam.allocator.tune_allocator(); "
+        f"mallopt settings {settings}). Seconds and faults "
         "are those of the timed call (getrusage of the child), peak RSS that of the child. Load average "
         f"(1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after the run: wall time also counts "
         "waiting for the cores, user + system time does not"

@@ -47,7 +47,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from process_cost import ALLOCATORS, apply_allocator, digest, measured, report_to_parent, run_in_child
+from process_cost import (
+    ALLOCATORS,
+    DEFAULT_ALLOCATORS,
+    apply_allocator,
+    digest,
+    measured,
+    report_to_parent,
+    run_in_child,
+)
 
 from iscam import methods, metrics, models
 from iscam.data import ManifestDataset, iter_batches, sample_manifest
@@ -166,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=list(LIBRARIES))
-    parser.add_argument("--allocators", nargs="+", choices=ALLOCATORS, default=list(ALLOCATORS),
+    parser.add_argument("--allocators", nargs="+", choices=ALLOCATORS, default=list(DEFAULT_ALLOCATORS),
                         help="allocator settings, each in its own child processes (default: both)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1,
@@ -271,12 +279,13 @@ def main(argv: list[str] | None = None) -> int:
            f"Average Drop {100 * r['average_drop']:.2f} %, Increase in Confidence "
            f"{100 * r['increase_in_confidence']:.1f} %")
         for r in rows if r["allocator"] == args.allocators[-1])
-    tuned = next((r["allocator_settings"] for r in rows if r["allocator"] == "tuned"), {})
+    settings = {r["allocator"]: r["allocator_settings"] for r in rows}
     summary = (
         f"{model} on {result_json['device']} ({', '.join(sources)}), torch {torch.__version__}. Every row "
         "ran in a clean child process of its own; TorchCAM ran under the same allocator setting as iscam "
         "(`default`: glibc's malloc as it starts, MALLOC_* variables removed; `tuned`: "
-        f"iscam.allocator.tune_allocator(), {tuned}). Seconds and faults are those of the timed block "
+        f"iscam.allocator.tune_allocator(); mallopt settings {settings}). Seconds and faults are those of "
+        "the timed block "
         "(getrusage of the child), peak RSS that of the child. Load average (1 min) "
         f"{load_before[0]:.1f} before, {load_after[0]:.1f} after the run."
         + (f" Largest curve difference batched vs one frame at a time: {max_difference:.1e}."

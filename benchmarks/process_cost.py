@@ -13,6 +13,7 @@ environment holds.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -37,6 +38,7 @@ from iscam.allocator import tune_allocator
 __all__ = [
     "ALLOCATORS",
     "ALLOCATOR_VARIABLES",
+    "DEFAULT_ALLOCATORS",
     "Cost",
     "apply_allocator",
     "digest",
@@ -45,8 +47,13 @@ __all__ = [
     "run_in_child",
 ]
 
-#: ``"default"``: glibc's malloc as it starts; ``"tuned"``: :func:`iscam.allocator.tune_allocator`.
-ALLOCATORS: tuple[str, ...] = ("default", "tuned")
+#: ``"default"``: glibc's malloc as it starts; ``"tuned"``: :func:`iscam.allocator.tune_allocator`;
+#: ``"thresholds"``: the rejected alternative, mmap and trim thresholds raised to 1 GiB (still trims).
+ALLOCATORS: tuple[str, ...] = ("default", "tuned", "thresholds")
+#: What a benchmark compares unless told otherwise.
+DEFAULT_ALLOCATORS: tuple[str, ...] = ("default", "tuned")
+# mallopt(3) numbers of M_TRIM_THRESHOLD and M_MMAP_THRESHOLD, and the value of "thresholds"
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _ONE_GIB = -1, -3, 2**30
 #: Removed from every child's environment, so that a child's allocator is exactly the one it was told.
 ALLOCATOR_VARIABLES: tuple[str, ...] = (
     "MALLOC_MMAP_THRESHOLD_",
@@ -94,6 +101,12 @@ def apply_allocator(name: str) -> dict[str, int]:
     """Set this process's allocator to ``name`` (see :data:`ALLOCATORS`); returns what was set."""
     if name not in ALLOCATORS:
         raise ValueError(f"allocator must be one of {ALLOCATORS}, got {name!r}")
+    if name == "thresholds":
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+        settings = {"M_MMAP_THRESHOLD": (_M_MMAP_THRESHOLD, _ONE_GIB),
+                    "M_TRIM_THRESHOLD": (_M_TRIM_THRESHOLD, _ONE_GIB)}
+        return {key: value for key, (number, value) in settings.items() if mallopt(number, value) == 1}
     return tune_allocator() if name == "tuned" else {}
 
 
