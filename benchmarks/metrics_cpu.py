@@ -1,14 +1,29 @@
-"""Images per second for insertion + deletion (RISE, step 224): batched frames vs one frame at a time.
+"""Cost per image of the metrics, iscam against TorchCAM 0.5.0: insertion + deletion (RISE), batched and one
+frame at a time, and the Average Drop / Increase in Confidence pair.
 
-Each image costs 2 x 225 forward passes at 224x224 (n = ceil(224*224/224) = 224 steps, 225 frames per
-curve). "batched" sends the frames of all images through the model ``--batch-size`` at a time;
-"one frame at a time" is the same code with ``batch_size=1``, i.e. RISE's loop. The two must give the
-same curves; the largest difference is printed as a check.
+- **curves**: a Grad-CAM map, then the deletion and insertion curves on the zero (mean-colour) substrate,
+  TorchCAM's default baseline, so both libraries do the same work: one clean forward and backward for
+  the map, then ``2 x (ceil(H*W / step) + 1)`` frames (450 at 224x224, step 224; TorchCAM shares the
+  all-substrate frame of the two curves and reuses the clean score: 447). iscam runs batched
+  (``--batch-size`` frames per forward) and one frame at a time (``batch_size=1``, RISE's loop); the two
+  must agree up to batch-size-dependent rounding, the largest difference is printed. TorchCAM runs its
+  ``DeletionInsertionMetric`` with ``steps = ceil(H*W / step)`` at the same batch size.
+- **confidence**: a Grad-CAM map and the clean and masked probability of every image, by
+  ``iscam.metrics.confidence`` and by TorchCAM's ``ClassificationMetric``: one clean forward, one backward
+  and one masked forward per image in both.
 
-The model has random weights (no downloads here) and the inputs are random normalised images with
-random saliency maps: the cost of the metric does not depend on what the map shows.
+Every (part, mode, allocator) runs in a clean child process of its own (``benchmarks/process_cost.py``):
+wall time, user and system CPU time and minor and major page faults per image. ``--allocators default
+tuned`` runs each under glibc's default malloc and under :func:`iscam.allocator.tune_allocator`; TorchCAM
+runs under the same setting as the iscam rows beside it. Results are hashed, so the table says whether the
+allocator changed a single bit (it must not).
+
+``--model``: the Coral models (``mobilenet_v2_coral``, ``mobilenet_v1_coral_tiny``) run with their real
+weights on real sample images; a torchvision name (default ``resnet18``) runs with random weights on random
+normalised images (the cost of a forward does not depend on the weights).
 
     python benchmarks/metrics_cpu.py          # CPU; writes benchmarks/results/metrics_cpu.{json,md}
+    python benchmarks/metrics_cpu.py --model mobilenet_v2_coral --images 2 --out /tmp/metrics_mnv2
     python benchmarks/metrics_cpu.py --device cuda --images 32 --single-images 2 --out /tmp/metrics_cuda
 """
 
@@ -16,17 +31,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
-import time
+from dataclasses import asdict
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
+from torch import Tensor, nn
 
-from iscam import metrics
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from process_cost import (
+    ALLOCATORS,
+    DEFAULT_ALLOCATORS,
+    apply_allocator,
+    digest,
+    measured,
+    report_to_parent,
+    run_in_child,
+)
+
+from iscam import methods, metrics, models
+from iscam.data import ManifestDataset, iter_batches, sample_manifest
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PARTS: tuple[str, ...] = ("curves", "confidence")
+LIBRARIES: tuple[str, ...] = ("iscam", "torchcam")
 
 
 def _synchronize(device: torch.device) -> None:
@@ -34,104 +70,240 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_curves(model, x, saliency, target, step: int, batch_size: int) -> tuple[float, torch.Tensor]:
-    device = x.device
-    _synchronize(device)
-    start = time.perf_counter()
-    deletion = metrics.deletion_curve(model, x, saliency, target, step=step, batch_size=batch_size)
-    insertion = metrics.insertion_curve(model, x, saliency, target, step=step, batch_size=batch_size)
-    _synchronize(device)
-    return time.perf_counter() - start, torch.stack([deletion, insertion], dim=1).cpu()
-
-
-def _device_name(device: torch.device) -> str:
+def _device_name(device: torch.device, threads: int) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                  if line.startswith("model name")]
-        name = models[0] if models else name
-    return f"{name}, {torch.get_num_threads()} torch thread(s)"
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        name = names[0] if names else name
+    return f"{name}, {os.cpu_count()} cores, {threads} torch thread(s)"
 
 
-def main() -> None:
+def load_inputs(spec: dict[str, Any]) -> tuple[nn.Module, str, Tensor, str]:
+    """(model in eval mode on the device, Grad-CAM layer, images, what the images are) for ``spec``."""
+    device, count = torch.device(spec["device"]), spec["count"]
+    if spec["model"] in models.CORAL_MODELS:
+        loaded = models.load(spec["model"], device=device)
+        dataset = ManifestDataset(sample_manifest(), loaded.preprocess, limit=count)
+        x = next(iter(iter_batches(dataset, count))).x
+        return loaded.model, loaded.target_layer, x.to(device), f"{count} imagenet-val-sample image(s)"
+    torch.manual_seed(0)  # the same random weights in every child
+    model = getattr(torchvision.models, spec["model"])(weights=None).eval().to(device)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(count, 3, spec["size"], spec["size"], generator=generator).to(device)
+    return model, methods.default_target_layer(model), x, "random normalised images"
+
+
+def child(spec: dict[str, Any]) -> None:
+    """One configuration, in this (fresh) process: allocator first, then model, inputs, warm-up, timing."""
+    settings = apply_allocator(spec["allocator"])
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    model, layer, x, source = load_inputs(spec)
+    x = x[: spec["images"]]
+    height, width = x.shape[-2:]
+    intervals = -(-height * width // spec["step"])
+    with torch.no_grad():
+        target = model(x).argmax(dim=1)  # the paper's protocol: the clean argmax
+        model(x[:1].expand(min(spec["batch_size"], 8), -1, -1, -1))  # warm-up (kernels, cuDNN autotune)
+    batch_size, extra = spec["batch_size"], {}
+    _synchronize(device)
+    if spec["library"] == "iscam":
+        with measured() as cost:
+            with methods.GradCAM(model, layer) as cam:
+                saliency = cam(x, target)
+            if spec["part"] == "curves":
+                curves = [function(model, x, saliency, target, step=spec["step"], substrate="zeros",
+                                   batch_size=batch_size)
+                          for function in (metrics.deletion_curve, metrics.insertion_curve)]
+                result = torch.stack(curves, dim=1)
+            else:
+                result = torch.stack(metrics.confidence(model, x, saliency, target, batch_size=batch_size))
+            _synchronize(device)
+        if spec["part"] == "curves":
+            extra = {"curves": result.tolist(), "deletion_auc": float(metrics.auc(curves[0]).mean()),
+                     "insertion_auc": float(metrics.auc(curves[1]).mean()),
+                     "forwards_per_image": 2 * intervals + 2}
+        else:
+            clean, masked = result
+            extra = {"average_drop": float(metrics.average_drop(clean, masked).mean()),
+                     "increase_in_confidence": float(metrics.increase_in_confidence(clean, masked).mean()),
+                     "forwards_per_image": 2}
+    else:
+        from torchcam.methods import GradCAM
+        from torchcam.metrics import ClassificationMetric, DeletionInsertionMetric
+
+        softmax = partial(torch.softmax, dim=-1)
+        with measured() as cost:
+            with GradCAM(model, layer) as extractor:
+                if spec["part"] == "curves":
+                    metric = DeletionInsertionMetric(extractor, softmax, steps=intervals,
+                                                     batch_size=batch_size)
+                else:
+                    metric = ClassificationMetric(extractor, softmax)
+                metric.update(x, target.tolist())
+                summary = metric.summary()
+            _synchronize(device)
+        result = torch.tensor(list(summary.values()))
+        if spec["part"] == "curves":
+            # TorchCAM's points: every ceil(HW / steps) pixels, and all of them; both curves share the
+            # all-substrate frame and reuse the clean score
+            points = -(-height * width // -(-height * width // intervals)) + 1
+            extra = {"deletion_auc": summary["deletion_auc"], "insertion_auc": summary["insertion_auc"],
+                     "forwards_per_image": 2 * (points - 2) + 1}
+        else:
+            extra = {"average_drop": summary["avg_drop"], "increase_in_confidence": summary["conf_increase"],
+                     "forwards_per_image": 2}
+    report_to_parent({"cost": asdict(cost), "digest": digest(result), "source": source, "settings": settings,
+                      **extra})
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet18", help="torchvision classifier, random weights")
+    parser.add_argument("--model", default="resnet18",
+                        help="a Coral model of iscam.models (real weights, sample images) or a torchvision "
+                             "classifier (random weights, random images); default resnet18")
     parser.add_argument("--images", type=int, default=2, help="images timed with batched frames")
-    parser.add_argument("--single-images", type=int, default=1, help="images timed one frame at a time")
+    parser.add_argument("--single-images", type=int, default=1,
+                        help="images timed one frame at a time (0: skip that mode)")
     parser.add_argument("--step", type=int, default=224)
-    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--size", type=int, default=224, help="input side of a torchvision model")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=list(LIBRARIES))
+    parser.add_argument("--allocators", nargs="+", choices=ALLOCATORS, default=list(DEFAULT_ALLOCATORS),
+                        help="allocator settings, each in its own child processes (default: both)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads; 1 by default because oversubscribed threads on a shared "
                              "machine make small batches far slower, not faster")
     parser.add_argument("--out", type=Path, default=RESULTS / "metrics_cpu",
                         help="output path without suffix (.json and .md are written)")
-    args = parser.parse_args()
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # one configuration, run by the parent
+    args = parser.parse_args(argv)
+    if args.child is not None:
+        child(json.loads(args.child))
+        return 0
 
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    model = getattr(torchvision.models, args.model)(weights=None).eval().to(device)
-    generator = torch.Generator().manual_seed(0)
-    count = max(args.images, args.single_images)
-    x = torch.randn(count, 3, args.size, args.size, generator=generator).to(device)
-    saliency = torch.rand(count, args.size, args.size, generator=generator).to(device)
-    with torch.no_grad():
-        target = model(x).argmax(dim=1)  # the paper's protocol: the clean argmax
-        model(x[:1].expand(min(args.batch_size, 8), -1, -1, -1))  # warm-up (allocator, cuDNN autotune)
+    base = {"model": args.model, "size": args.size, "step": args.step, "device": args.device,
+            "threads": args.threads, "count": max(args.images, args.single_images)}
+    configurations = []  # (part, mode, library, batch size, images)
+    if "curves" in args.parts:
+        configurations += [
+            ("curves", f"iscam, batched (batch_size={args.batch_size})", "iscam", args.batch_size,
+             args.images),
+            ("curves", "iscam, one frame at a time (batch_size=1)", "iscam", 1, args.single_images),
+            ("curves", f"TorchCAM DeletionInsertionMetric (batch_size={args.batch_size})", "torchcam",
+             args.batch_size, args.images),
+        ]
+    if "confidence" in args.parts:
+        configurations += [
+            ("confidence", "iscam confidence", "iscam", args.batch_size, args.images),
+            ("confidence", "TorchCAM ClassificationMetric", "torchcam", args.batch_size, args.images),
+        ]
+    load_before = os.getloadavg()
+    rows: list[dict[str, Any]] = []
+    results: dict[tuple[str, str], dict[str, Any]] = {}
+    configurations = [entry for entry in configurations if entry[2] in args.libraries and entry[4] > 0]
+    for part, mode, library, batch_size, images in configurations:
+        for allocator in args.allocators:
+            spec = {**base, "part": part, "library": library, "allocator": allocator,
+                    "batch_size": batch_size, "images": images}
+            result = run_in_child(Path(__file__), spec)
+            results[mode, allocator] = result
+            cost = result["cost"]
+            row = {"part": part, "mode": mode, "library": library, "allocator": allocator,
+                   "allocator_settings": result["settings"], "images": images, "source": result["source"],
+                   "forwards_per_image": result["forwards_per_image"],
+                   **{f"{key}_per_image": cost[key] / images for key in ("wall_s", "user_s", "sys_s",
+                                                                         "minor_faults")},
+                   "major_faults": cost["major_faults"], "peak_rss_mib": cost["peak_rss_mib"],
+                   "digest": result["digest"]}
+            for key in ("deletion_auc", "insertion_auc", "average_drop", "increase_in_confidence"):
+                if key in result:
+                    row[key] = result[key]
+            rows.append(row)
+            print(f"{part:<10} {mode:<36} {allocator:<7} wall {row['wall_s_per_image']:7.2f}  user "
+                  f"{row['user_s_per_image']:7.2f}  sys {row['sys_s_per_image']:7.2f} s/img  "
+                  f"{row['minor_faults_per_image']:11.0f} faults/img", flush=True)
+    load_after = os.getloadavg()
+    for row in rows:
+        digests = {other["digest"] for other in rows if other["mode"] == row["mode"]}
+        row["equal_across_allocators"] = len(digests) == 1 if len(args.allocators) > 1 else None
 
-    frames = 2 * (-(-args.size * args.size // args.step) + 1)
-    batched_s, batched_curves = _time_curves(model, x[: args.images], saliency[: args.images],
-                                             target[: args.images], args.step, args.batch_size)
-    single_s, single_curves = _time_curves(model, x[: args.single_images], saliency[: args.single_images],
-                                           target[: args.single_images], args.step, 1)
-    common = min(args.images, args.single_images)
-    max_difference = float((batched_curves[:common] - single_curves[:common]).abs().max())
+    max_difference = None
+    modes = [mode for part, mode, library, _, _ in configurations if part == "curves" and library == "iscam"]
+    if len(modes) == 2:  # batched and one frame at a time, on their common images
+        common = min(args.images, args.single_images)
+        batched, single = (torch.tensor(results[mode, args.allocators[-1]]["curves"])[:common]
+                           for mode in modes)
+        max_difference = float((batched - single).abs().max())
 
-    rows = [
-        {"mode": f"batched (batch_size={args.batch_size})", "images": args.images, "seconds": batched_s,
-         "images_per_s": args.images / batched_s, "frames_per_s": args.images * frames / batched_s},
-        {"mode": "one frame at a time (batch_size=1)", "images": args.single_images, "seconds": single_s,
-         "images_per_s": args.single_images / single_s,
-         "frames_per_s": args.single_images * frames / single_s},
-    ]
-    speedup = rows[0]["images_per_s"] / rows[1]["images_per_s"]
-    result = {
-        "benchmark": "insertion + deletion curves (iscam.metrics), step %d" % args.step,
-        "model": f"torchvision {args.model} (random weights), {args.size}x{args.size}",
-        "device": _device_name(device),
+    sources = sorted({row["source"] for row in rows})
+    model = (f"{args.model} (real weights)" if args.model in models.CORAL_MODELS
+             else f"torchvision {args.model} (random weights), {args.size}x{args.size}")
+    result_json: dict[str, Any] = {
+        "benchmark": f"insertion + deletion curves (step {args.step}) and the confidence pair",
+        "model": model,
+        "images": sources,
+        "device": _device_name(torch.device(args.device), args.threads),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
-        "frames_per_image": frames,
+        "load_average_1min": [load_before[0], load_after[0]],
         "rows": rows,
-        "speedup": speedup,
         "max_abs_difference_batched_vs_single": max_difference,
     }
 
+    def equal(value: bool | None) -> str:
+        return "" if value is None else ("yes" if value else "**NO**")
+
     table = [
-        "| mode | images | seconds | images/s | frames/s |",
-        "|---|---:|---:|---:|---:|",
-        *[f"| {r['mode']} | {r['images']} | {r['seconds']:.1f} | {r['images_per_s']:.3f} | "
-          f"{r['frames_per_s']:.1f} |" for r in rows],
+        ("| part | mode | library | allocator | images | forwards/img | wall s/img | user s/img | sys s/img "
+         "| sys / user | minor faults/img | major faults | peak RSS MiB | equal across allocators |"),
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        *[f"| {r['part']} | {r['mode']} | {r['library']} | {r['allocator']} | {r['images']} "
+          f"| {r['forwards_per_image']} | {r['wall_s_per_image']:.2f} | {r['user_s_per_image']:.2f} "
+          f"| {r['sys_s_per_image']:.2f} "
+          f"| {100 * r['sys_s_per_image'] / max(r['user_s_per_image'], 1e-9):.0f}% "
+          f"| {r['minor_faults_per_image']:,.0f} | {r['major_faults']} | {r['peak_rss_mib']:,.0f} "
+          f"| {equal(r['equal_across_allocators'])} |"
+          for r in rows],
     ]
-    summary = (f"{result['model']} on {result['device']}, torch {torch.__version__}; {frames} forward passes "
-               f"per image; batched / one-at-a-time = {speedup:.2f}x; largest curve difference "
-               f"{max_difference:.1e}.")
+    values = "; ".join(
+        f"{r['mode']} ({r['allocator']}): "
+        + (f"deletion AUC {r['deletion_auc']:.4f}, insertion AUC {r['insertion_auc']:.4f}"
+           if r["part"] == "curves" else
+           f"Average Drop {100 * r['average_drop']:.2f} %, Increase in Confidence "
+           f"{100 * r['increase_in_confidence']:.1f} %")
+        for r in rows if r["allocator"] == args.allocators[-1])
+    settings = {r["allocator"]: r["allocator_settings"] for r in rows}
+    summary = (
+        f"{model} on {result_json['device']} ({', '.join(sources)}), torch {torch.__version__}. Every row "
+        "ran in a clean child process of its own; TorchCAM ran under the same allocator setting as iscam "
+        "(`default`: glibc's malloc as it starts, MALLOC_* variables removed; `tuned`: "
+        f"iscam.allocator.tune_allocator(); mallopt settings {settings}). Seconds and faults are those of "
+        "the timed block "
+        "(getrusage of the child), peak RSS that of the child. Load average (1 min) "
+        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after the run."
+        + (f" Largest curve difference batched vs one frame at a time: {max_difference:.1e}."
+           if max_difference is not None else "")
+        + f" Mean values ({args.allocators[-1]}): {values}."
+    )
     print("\n".join(table))
     print(summary)
 
-    command = " ".join(["python benchmarks/metrics_cpu.py", *sys.argv[1:]])
-    result["command"] = command
+    command = " ".join(["python benchmarks/metrics_cpu.py", *(sys.argv[1:] if argv is None else argv)])
+    result_json["command"] = command
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # Appended, not with_suffix: "--out results/metrics_cpu.cuda-h200" must keep its dotted name.
-    Path(f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
-    Path(f"{args.out}.md").write_text(
-        f"# {result['benchmark']}\n\nMade by `{command}`.\n\n"
-        + "\n".join(table) + "\n\n" + summary + "\n")
+    Path(f"{args.out}.json").write_text(json.dumps(result_json, indent=2) + "\n")
+    Path(f"{args.out}.md").write_text(f"# {result_json['benchmark']}\n\nMade by `{command}`.\n\n"
+                                      + "\n".join(table) + "\n\n" + summary + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -18,6 +18,9 @@ Conventions shared by every function:
 - Scores are softmax probabilities of the target class. The model runs under :func:`torch.no_grad` in
   eval mode; the train/eval state of every submodule is restored afterwards.
 - Everything runs on ``x.device``; nothing is moved to a hard-coded device and no global state is kept.
+- Frames and images go through the model ``batch_size`` at a time by the methods' chunk loop
+  (:func:`iscam.batching.run_chunks`: halved and retried on CUDA out-of-memory), each chunk filling the
+  same buffers in place (:class:`iscam.batching.ChunkBuffer`); neither changes a value.
 - Bad input raises :class:`ValueError` naming the problem (and the image index where there is one):
   these functions never return a silent NaN.
 """
@@ -34,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from iscam.batching import ChunkBuffer, run_chunks
 from iscam.road import road_curve, road_scores  # ROAD (Rong et al. 2022), implemented in iscam.road
 from iscam.stats import CI, bootstrap_ci, paired_bootstrap_diff
 
@@ -281,15 +285,29 @@ def _causal_curve(model: Callable[[Tensor], Tensor], x: Tensor, saliency: Tensor
     shown, hidden = (x, background) if insertion else (background, x)
 
     total = batch * frames_per_image
-    scores = []
+    scores: list[Tensor] = []
+    # every chunk fills the same scratch rows (see iscam.batching.ChunkBuffer): frames, the frames' pixels
+    # of the image shown, their pixel ranks and the reveal mask
+    frame_buffer = ChunkBuffer(tuple(x.shape[1:]), x.dtype, x.device)
+    shown_buffer = ChunkBuffer(tuple(x.shape[1:]), x.dtype, x.device)
+    rank_buffer = ChunkBuffer((height * width,), ranks.dtype, x.device)
+    mask_buffer = ChunkBuffer((height * width,), torch.bool, x.device)
+
+    def step_frames(rows: slice) -> None:
+        count = rows.stop - rows.start
+        flat_index = torch.arange(rows.start, rows.stop, device=x.device)
+        image = flat_index // frames_per_image
+        revealed = (flat_index % frames_per_image) * step
+        # torch.where(ranks[image] < revealed, shown[image], hidden[image]), without a fresh tensor
+        ranks_of_frame = torch.index_select(ranks, 0, image, out=rank_buffer.take(count))
+        mask = torch.lt(ranks_of_frame, revealed[:, None], out=mask_buffer.take(count))
+        frames = torch.index_select(hidden, 0, image, out=frame_buffer.take(count))
+        shown_pixels = torch.index_select(shown, 0, image, out=shown_buffer.take(count))
+        torch.where(mask.view(-1, 1, height, width), shown_pixels, frames, out=frames)
+        scores.append(_target_probability(model, frames, classes[image]))
+
     with _evaluating(model):
-        for start in range(0, total, batch_size):
-            flat_index = torch.arange(start, min(start + batch_size, total), device=x.device)
-            image = flat_index // frames_per_image
-            revealed = (flat_index % frames_per_image) * step
-            mask = (ranks[image] < revealed[:, None]).view(-1, 1, height, width)
-            frames = torch.where(mask, shown[image], hidden[image])
-            scores.append(_target_probability(model, frames, classes[image]))
+        run_chunks(total, batch_size, step_frames)
     return torch.cat(scores).view(batch, frames_per_image)
 
 
@@ -307,7 +325,7 @@ def deletion_curve(model: Callable[[Tensor], Tensor], x: Tensor, saliency: Tenso
     ``substrate``: ``"zeros"`` (default; zero in normalised space, the mean colour, as in the IS-CAM
     authors' code and RISE's deletion), ``"blur"`` (:func:`blur_substrate`) or a callable
     ``substrate(x) -> tensor shaped like x``. The ``B * (n+1)`` frames are built on the fly and sent
-    through the model ``batch_size`` at a time; the result equals a one-frame-at-a-time loop up to the
+    through the model ``batch_size`` at a time (fewer after a CUDA out-of-memory error); the result equals a one-frame-at-a-time loop up to the
     rounding of batch-size-dependent kernels (about 1e-7 in float32 on CPU, 1e-5 with cuDNN's default TF32
     convolutions on a GPU; set ``torch.backends.cudnn.allow_tf32 = False`` for float32-exact scores).
     """
@@ -383,27 +401,30 @@ def confidence(model: Callable[[Tensor], Tensor], x: Tensor, saliency: Tensor, t
     _check_batch_size(batch_size)
     classes = _as_target(target, batch, x.device)
 
-    # Clean and masked images of a chunk share one forward pass of up to ``batch_size`` images.
-    images_per_chunk = max(1, batch_size // 2)
-    clean, masked = [], []
+    # Clean and masked images of a chunk share one forward pass of up to ``batch_size`` images, stacked in
+    # scratch rows that every chunk refills (see iscam.batching.ChunkBuffer).
+    clean: list[Tensor] = []
+    masked: list[Tensor] = []
+    stack_buffer = ChunkBuffer(tuple(x.shape[1:]), x.dtype, x.device)
+
+    def step_images(chunk: slice) -> None:
+        size = chunk.stop - chunk.start
+        images = x[chunk]
+        # torch.cat([images, saliency * images])
+        stacked = stack_buffer.take(2 * size)
+        stacked[:size].copy_(images)
+        torch.mul(saliency[chunk, None].to(x.dtype), images, out=stacked[size:])
+        if target_from == "clean":
+            probabilities = _target_probability(model, stacked, classes[chunk].repeat(2))
+        else:
+            logits = model(stacked)
+            masked_class = logits[size:].argmax(dim=1)
+            probabilities = _probability_of(logits, 2 * size, torch.cat([classes[chunk], masked_class]))
+        clean.append(probabilities[:size])
+        masked.append(probabilities[size:])
+
     with _evaluating(model):
-        for start in range(0, batch, images_per_chunk):
-            stop = min(start + images_per_chunk, batch)
-            images = x[start:stop]
-            explanation = saliency[start:stop, None].to(x.dtype) * images
-            stacked = torch.cat([images, explanation])
-            size = stop - start
-            if target_from == "clean":
-                probabilities = _target_probability(model, stacked, classes[start:stop].repeat(2))
-                clean.append(probabilities[:size])
-                masked.append(probabilities[size:])
-            else:
-                logits = model(stacked)
-                masked_class = logits[size:].argmax(dim=1)
-                both = torch.cat([classes[start:stop], masked_class])
-                probabilities = _probability_of(logits, 2 * size, both)
-                clean.append(probabilities[:size])
-                masked.append(probabilities[size:])
+        run_chunks(batch, max(1, batch_size // 2), step_images)
     return Confidence(torch.cat(clean), torch.cat(masked))
 
 

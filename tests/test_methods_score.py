@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Iterable
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from conftest import DeadCNN, Perturb, iscam_inputs, score_reference, scorecam_inputs
 
 from iscam import methods
+from iscam.batching import ChunkBuffer
 from iscam.methods.score import iscam_coefficients, sscam_noise_seed
 
 
@@ -366,3 +368,119 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_result(tiny_cnn: nn.Module
         torch.testing.assert_close(cam.channel_weights(x), expected, rtol=0, atol=1e-6)
         assert cam.batch_size == 4 and fussy.refused == 4  # 64 -> 32 -> 16 -> 8 -> 4
         assert cam.forward_count == plain.forward_count  # refused chunks are not counted
+
+
+# ---------------------------------------------------------------------------- reused chunk buffers
+def fresh_nan_rows(self: ChunkBuffer, rows: int) -> Tensor:
+    """``ChunkBuffer.take`` without reuse: a new tensor per chunk, full of NaN, so a stale read shows."""
+    return torch.full((rows, *self.shape), float("nan"), dtype=self.dtype, device=self.device).contiguous(
+        memory_format=self.memory_format
+    )
+
+
+PERTURBERS = {
+    "scorecam": lambda m: methods.ScoreCAM(m, "features.4"),
+    "scorecam-torchcam": lambda m: methods.ScoreCAM(m, "features.4", protocol="torchcam"),
+    "iscam": lambda m: methods.ISCAM(m, "features.4", N=4),
+    "iscam-torchcam": lambda m: methods.ISCAM(m, "features.4", N=3, protocol="torchcam"),
+    "sscam": lambda m: methods.SSCAM(m, "features.4", N=3, seed=5),
+    "sscam-authors": lambda m: methods.SSCAM(m, "features.4", N=3, noise="authors"),
+    "sscam-torchcam": lambda m: methods.SSCAM(m, "features.4", N=3, protocol="torchcam"),
+}
+
+
+def allocating_perturb(cam: methods.CAM, images: Tensor, masks: Tensor, rows: Tensor, steps: Tensor,
+                       channels: list[int]) -> Tensor:
+    """The perturbed inputs as the Score family computed them before the buffers, one fresh tensor per op."""
+    height, width = images.shape[-2:]
+    if isinstance(cam, methods.ISCAM):
+        scales = torch.tensor(cam.coefficients, dtype=images.dtype)
+        return (images * masks)[rows] * scales[steps].view(-1, 1, 1, 1)
+    if isinstance(cam, methods.SSCAM):
+        if cam.protocol == "torchcam":
+            noise = cam._noise(channels, (1, height, width), images)[rows, steps]
+            return (masks[rows] + cam.sigma * noise) * images[rows]
+        masked = (images * masks)[rows]
+        noise = cam._noise(channels, (3, height, width), images)[rows, steps]
+        if cam.noise == "sigma":
+            return masked + cam.sigma * noise
+        span = masked.amax(dim=(1, 2, 3)) - masked.amin(dim=(1, 2, 3))
+        std = torch.where(span > 0, (cam.sigma / torch.where(span > 0, span, 1.0)) ** 2, 0.0)
+        return masked + std.view(-1, 1, 1, 1) * noise
+    return (images * masks)[rows]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("name", list(PERTURBERS))
+def test_in_place_perturbation_equals_the_allocating_expressions(
+    tiny_cnn: nn.Module, name: str, dtype: torch.dtype
+) -> None:
+    """Rows filled in place hold bit for bit what ``(X * M)[rows] ...`` computed, in both dtypes."""
+    generator = torch.Generator().manual_seed(4)
+    images = torch.randn(3, 3, 8, 8, generator=generator).to(dtype)
+    masks = torch.rand(3, 1, 8, 8, generator=generator).to(dtype)
+    masks[2] = 0.0  # an all-zero mask: zero span, no noise with noise="authors"
+    rows = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    steps = torch.tensor([0, 1, 2, 0, 2, 0, 1, 2])
+    channels = [4, 1, 3]
+    with PERTURBERS[name](tiny_cnn) as cam:
+        expected = allocating_perturb(cam, images, masks, rows, steps, channels)
+        buffered = cam._perturb(images[rows], masks[rows], rows, steps, channels)
+    assert buffered.dtype == dtype and torch.equal(buffered, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("name", list(PERTURBERS))
+def test_reused_buffers_give_the_results_of_fresh_ones(
+    tiny_cnn: nn.Module, name: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Maps and weights are bit-identical with reused chunk buffers and with a fresh NaN-filled tensor per
+    chunk, at every chunk size (the last chunk of a call is shorter and reuses the first chunk's rows)."""
+    model = copy.deepcopy(tiny_cnn).to(dtype)
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(2)).to(dtype)
+    target = torch.tensor([0, 4, 2])
+    results = {}
+    for reuse in (True, False):
+        with monkeypatch.context() as patch:
+            if not reuse:
+                patch.setattr(ChunkBuffer, "take", fresh_nan_rows)
+            with PERTURBERS[name](model) as cam:
+                for size in (1, 3, 7, 1000):
+                    cam.batch_size = size
+                    results[reuse, size] = (cam(x, target), cam.channel_weights(x, target))
+    for size in (1, 3, 7, 1000):
+        (map_reused, weights_reused), (map_fresh, weights_fresh) = results[True, size], results[False, size]
+        assert weights_reused.dtype == dtype and torch.isfinite(weights_reused).all()
+        assert torch.equal(weights_reused, weights_fresh) and torch.equal(map_reused, map_fresh)
+        torch.testing.assert_close(weights_reused, results[True, 1000][1], rtol=0, atol=1e-6)  # chunk parity
+
+
+class RecordingModel(nn.Module):
+    """Forwards to ``model``; keeps a copy of every input batch it saw and whether it was channels-last."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.inputs: list[Tensor] = []
+        self.channels_last: list[bool] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.inputs.append(x.detach().clone())
+        self.channels_last.append(x.is_contiguous(memory_format=torch.channels_last))
+        return self.model(x)
+
+
+def test_channels_last_chunks_are_filled_in_the_models_layout(tiny_cnn: nn.Module) -> None:
+    """With ``channels_last`` the buffer itself is channels-last and holds the same values as without."""
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    recorders = {}
+    for channels_last in (False, True):
+        recorders[channels_last] = RecordingModel(copy.deepcopy(tiny_cnn))
+        cam = methods.ISCAM(recorders[channels_last], "model.features.4", N=3, batch_size=5,
+                            channels_last=channels_last)
+        with cam:
+            cam(x)
+    plain, laid_out = recorders[False], recorders[True]
+    assert len(plain.inputs) == len(laid_out.inputs) > 3  # the clean forward, then the chunks
+    assert all(torch.equal(a, b) for a, b in zip(plain.inputs, laid_out.inputs))
+    assert all(laid_out.channels_last[1:]) and not any(plain.channels_last[1:])

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from iscam import metrics
+from iscam.batching import ChunkBuffer
 
 # --------------------------------------------------------------------------------------------------
 # helpers: small inputs, reference loops
@@ -241,6 +242,112 @@ def test_model_mode_restored_and_eval_used():
     torch.testing.assert_close(first, second, rtol=0, atol=0)  # dropout off during evaluation
     assert model.training and model[2].training and not model[1].training
     assert not first.requires_grad
+
+
+# --------------------------------------------------------------------------------------------------
+# reused chunk buffers and the shared chunk loop
+# --------------------------------------------------------------------------------------------------
+
+
+class RecordingModel(nn.Module):
+    """Forwards to ``model`` and keeps a copy of every batch of frames it saw."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.detach().clone())
+        return self.model(x)
+
+
+def _fresh_nan_rows(self: ChunkBuffer, rows: int) -> torch.Tensor:
+    """``ChunkBuffer.take`` without reuse: a new tensor of junk per chunk (NaN; -1 ranks; True masks)."""
+    junk = float("nan") if self.dtype.is_floating_point else (True if self.dtype == torch.bool else -1)
+    return torch.full((rows, *self.shape), junk, dtype=self.dtype, device=self.device)
+
+
+def _all_metrics(model, x, saliency, target, batch_size) -> dict[str, torch.Tensor]:
+    return {
+        "deletion": metrics.deletion_curve(model, x, saliency, target, step=10, batch_size=batch_size),
+        "insertion": metrics.insertion_curve(model, x, saliency, target, step=10, batch_size=batch_size),
+        "confidence": torch.stack(metrics.confidence(model, x, saliency, target, batch_size=batch_size)),
+        "confidence-masked": torch.stack(metrics.confidence(model, x, saliency, target, target_from="masked",
+                                                            batch_size=batch_size)),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_frames_filled_in_place_equal_the_allocating_expression(tiny_cnn, dtype):
+    """Every frame the model sees is bit for bit ``torch.where(ranks[image] < revealed, shown, hidden)``."""
+    model = RecordingModel(copy.deepcopy(tiny_cnn).to(dtype))
+    x, saliency = _images().to(dtype), _saliency_with_ties().to(dtype)
+    target = torch.tensor([0, 3, 4])
+    for insertion in (False, True):
+        model.inputs.clear()
+        function = metrics.insertion_curve if insertion else metrics.deletion_curve
+        function(model, x, saliency, target, step=10, batch_size=16)
+        background = metrics.blur_substrate(x) if insertion else torch.zeros_like(x)
+        shown, hidden = (x, background) if insertion else (background, x)
+        flat_index = torch.arange(3 * 27)
+        image, revealed = flat_index // 27, (flat_index % 27) * 10
+        mask = (metrics.pixel_ranks(saliency)[image] < revealed[:, None]).view(-1, 1, 16, 16)
+        expected = torch.where(mask, shown[image], hidden[image])
+        assert [len(frames) for frames in model.inputs] == [16] * 5 + [1]
+        assert torch.equal(torch.cat(model.inputs), expected)
+    model.inputs.clear()
+    metrics.confidence(model, x, saliency, target, batch_size=4)  # chunks of 2 images, then 1
+    expected = [torch.cat([x[chunk], saliency[chunk, None] * x[chunk]])
+                for chunk in (slice(0, 2), slice(2, 3))]
+    assert len(model.inputs) == 2 and all(torch.equal(a, b) for a, b in zip(model.inputs, expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_reused_buffers_give_the_results_of_fresh_ones(tiny_cnn, dtype, monkeypatch):
+    """Curves and confidences are bit-identical with reused chunk buffers and with a fresh NaN-filled
+    tensor per chunk, at every chunk size, and chunk sizes agree to rounding."""
+    model = copy.deepcopy(tiny_cnn).to(dtype)
+    x, saliency = _images().to(dtype), _saliency_with_ties().to(dtype)
+    target = torch.tensor([0, 3, 4])
+    reference = _all_metrics(model, x, saliency, target, 1000)
+    for batch_size in (1, 2, 5, 1000):
+        reused = _all_metrics(model, x, saliency, target, batch_size)
+        with monkeypatch.context() as patch:
+            patch.setattr(ChunkBuffer, "take", _fresh_nan_rows)
+            fresh = _all_metrics(model, x, saliency, target, batch_size)
+        for name, values in reused.items():
+            assert values.dtype == dtype and torch.isfinite(values).all()
+            assert torch.equal(values, fresh[name]), name
+            torch.testing.assert_close(values, reference[name], rtol=0, atol=1e-6)
+
+
+class FussyModel(nn.Module):
+    """Raises CUDA's out-of-memory error (simulated on the CPU) for batches above ``limit``."""
+
+    def __init__(self, model: nn.Module, limit: int) -> None:
+        super().__init__()
+        self.model, self.limit, self.refused = model, limit, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.limit:
+            self.refused += 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.model(x)
+
+
+def test_out_of_memory_halves_the_metric_chunks(tiny_cnn):
+    """The metrics share the methods' chunk loop: a chunk that runs out of memory is halved and retried."""
+    model = tiny_cnn.double()
+    x, saliency = _images(), _saliency_with_ties()
+    expected = _all_metrics(model, x, saliency, 2, 4)  # chunks of 4 frames, of 2 images (4 rows)
+    fussy = FussyModel(model, limit=4)
+    result = _all_metrics(fussy, x, saliency, 2, 64)
+    # each curve: 64 -> 32 -> 16 -> 8 -> 4 frames; each confidence: 32 -> 16 -> 8 -> 4 -> 2 images (all
+    # but the last give the 3 images, 6 rows)
+    assert fussy.refused == 2 * 4 + 2 * 4
+    for name, values in result.items():
+        assert torch.equal(values, expected[name]), name
 
 
 # --------------------------------------------------------------------------------------------------

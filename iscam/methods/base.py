@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from iscam.batching import run_chunks
 from iscam.layers import DEFAULT_TARGET_LAYERS, layer_name, resolve_layer
 
 if TYPE_CHECKING:
@@ -339,24 +340,15 @@ class CAM(ABC):
     def _run_chunks(self, total: int, device: torch.device, step: Callable[[slice], None]) -> None:
         """Call ``step(rows)`` over ``range(total)`` in chunks of the batch size.
 
-        The chunk size starts at ``batch_size`` (or the device default) and is halved on CUDA out-of-memory,
-        retrying the same rows; the size that worked is kept for later calls. ``step`` must leave its
-        results on the device (no per-chunk host sync) and count its forwards.
+        One loop for methods and metrics (:func:`iscam.batching.run_chunks`): the chunk size starts at
+        ``batch_size`` (or the device default) and is halved on CUDA out-of-memory, retrying the same rows;
+        the size that worked is kept for later calls. ``step`` must leave its results on the device (no
+        per-chunk host sync) and count its forwards.
         """
         size = self._default_batch_size(device)
-        start = 0
-        while start < total:
-            rows = slice(start, min(start + size, total))
-            try:
-                step(rows)
-            except torch.cuda.OutOfMemoryError:
-                if size <= 1:
-                    raise
-                torch.cuda.empty_cache()
-                size //= 2
-                self.batch_size = size
-                continue
-            start = rows.stop
+        worked = run_chunks(total, size, step)
+        if worked != size:
+            self.batch_size = worked
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:
@@ -417,7 +409,3 @@ def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
         raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(repr(c) for c in choices)}")
     return str(value)
 
-
-def _chunked(total: int, size: int) -> Iterator[slice]:
-    for start in range(0, total, size):
-        yield slice(start, min(start + size, total))

@@ -20,7 +20,8 @@ is ``ReLU(sum_k w_k A_k)`` normalised at the layer's resolution, then upsampled.
 Speed: every (image, channel, step) triple is one row of a work list that is forwarded in chunks of
 ``batch_size`` across channels, steps and images; constant channels are never forwarded, channels whose
 min-max normalised activation maps are identical (so their masks agree up to float rounding) are forwarded
-once and share the result, scores stay on the device until the end, and ``amp="bf16"|"fp16"``,
+once and share the result, scores stay on the device until the end, every chunk's perturbed inputs are
+built in place in the same buffer (:class:`iscam.batching.ChunkBuffer`), and ``amp="bf16"|"fp16"``,
 ``channels_last=True`` and ``compile=True`` speed up the perturbed forwards.
 """
 
@@ -32,6 +33,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from iscam.batching import ChunkBuffer
 from iscam.methods.base import (
     CAM,
     Target,
@@ -128,15 +130,18 @@ class _ScoreFamily(CAM):
     _needs_canonical: ClassVar[bool] = False
 
     def _perturb(
-        self, images: Tensor, masks: Tensor, rows: Tensor, steps: Tensor, channels: list[int]
+        self, inputs: Tensor, masks: Tensor, rows: Tensor, steps: Tensor, channels: list[int]
     ) -> Tensor:
-        """Perturbed inputs ``[n, 3, H, W]`` of one chunk.
+        """Perturbed inputs ``[n, 3, H, W]`` of one chunk, built in place in ``inputs``.
 
-        ``images[p]`` / ``masks[p]`` (``[P, 3, H, W]`` / ``[P, 1, H, W]``) are the chunk's (image, mask)
-        pairs, ``rows[j]`` the pair of row ``j``, ``steps[j]`` its step in ``0..N-1``, ``channels[p]`` the channel of
-        pair ``p`` (the first channel with the same mask).
+        ``inputs[j]`` / ``masks[j]`` (``[n, 3, H, W]`` / ``[n, 1, H, W]``, in the input's dtype) hold the
+        image and the mask of row ``j``: scratch rows of a :class:`~iscam.batching.ChunkBuffer` that a
+        method may overwrite. ``rows[j]`` is the chunk's (image, channel) pair of row ``j``, ``steps[j]``
+        its step in ``0..N-1`` and ``channels[p]`` the channel of pair ``p`` (the first channel with the same
+        mask). The product of gathered rows equals the gathered product bit for bit, so filling in place
+        gives the values of the allocating expressions it replaced (``(X * M)[rows]``).
         """
-        return (images * masks)[rows]
+        return inputs.mul_(masks)
 
     # ------------------------------------------------------------------ public
     def channel_weights(self, x: Tensor, target: Target = None) -> Tensor:
@@ -219,31 +224,37 @@ class _ScoreFamily(CAM):
         forwarded = valid & (canonical == arange) if self.dedup else valid
         pairs = forwarded.nonzero()  # [T, 2] (image, channel); the one host sync of the group
         pair_channels = canonical[pairs[:, 0], pairs[:, 1]].tolist()
+        # masks as rows [G * K, 1, H, W] in the input's dtype, gathered per chunk by their flat index
+        mask_rows = masks.to(x.dtype).view(n_images * n_channels, 1, *size)
+        pair_masks = pairs[:, 0] * n_channels + pairs[:, 1]
         steps = self._steps
         total = pairs.shape[0] * steps
         scores = torch.empty(total, dtype=activation.dtype, device=x.device)
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        input_buffer = ChunkBuffer((x.shape[1], *size), x.dtype, x.device, layout)
+        mask_buffer = ChunkBuffer((1, *size), x.dtype, x.device)
 
         def run(rows: slice) -> None:
+            count = rows.stop - rows.start
             first, last = rows.start // steps, (rows.stop - 1) // steps + 1
             index = torch.arange(rows.start, rows.stop, device=x.device)
-            chunk_pairs = pairs[first:last]
-            image_of_pair = chunk_pairs[:, 0]
+            pair_of_row = index // steps
+            image_of_row = pairs[pair_of_row, 0]
             inputs = self._perturb(
-                x[image_of_pair],
-                masks[image_of_pair, chunk_pairs[:, 1]].unsqueeze(1).to(x.dtype),
-                index // steps - first,
+                torch.index_select(x, 0, image_of_row, out=input_buffer.take(count)),
+                torch.index_select(mask_rows, 0, pair_masks[pair_of_row], out=mask_buffer.take(count)),
+                pair_of_row - first,
                 index % steps,
                 pair_channels[first:last],
             )
             with self._autocast(x.device):
                 logits = self._perturbed_forward(self._layout(inputs)).to(activation.dtype)
-            image_of_row = image_of_pair[index // steps - first]
             if self.protocol == "torchcam":
                 chosen = logits.gather(1, labels[image_of_row][:, None]).squeeze(1)
                 scores[rows] = chosen - clean[image_of_row]
             else:
                 scores[rows] = torch.softmax(logits, 1).gather(1, labels[image_of_row][:, None]).squeeze(1)
-            self.forward_count += rows.stop - rows.start
+            self.forward_count += count
 
         with torch.no_grad():
             self._run_chunks(total, x.device, run)
@@ -399,13 +410,14 @@ class ISCAM(_ScoreFamily):
         )
 
     def _perturb(
-        self, images: Tensor, masks: Tensor, rows: Tensor, steps: Tensor, channels: list[int]
+        self, inputs: Tensor, masks: Tensor, rows: Tensor, steps: Tensor, channels: list[int]
     ) -> Tensor:
-        scales = self._scales.get((images.dtype, images.device))
+        scales = self._scales.get((inputs.dtype, inputs.device))
         if scales is None:  # one host-to-device copy per dtype and device, not one per chunk
-            scales = torch.tensor(self.coefficients, dtype=images.dtype, device=images.device)
-            self._scales[(images.dtype, images.device)] = scales
-        return (images * masks)[rows] * scales[steps].view(-1, 1, 1, 1)
+            scales = torch.tensor(self.coefficients, dtype=inputs.dtype, device=inputs.device)
+            self._scales[(inputs.dtype, inputs.device)] = scales
+        # (X * M)[rows] * a[steps], in place
+        return inputs.mul_(masks).mul_(scales[steps].view(-1, 1, 1, 1))
 
     def trace(self, x: Tensor, target: Target = None, *, channels: int = 4) -> ISCAMTrace:
         """IS-CAM on one image ``[1, 3, H, W]``, with the per-step class scores of the ``channels``
@@ -555,19 +567,20 @@ class SSCAM(_ScoreFamily):
         return torch.stack(draws).to(like.dtype)
 
     def _perturb(
-        self, images: Tensor, masks: Tensor, rows: Tensor, steps: Tensor, channels: list[int]
+        self, inputs: Tensor, masks: Tensor, rows: Tensor, steps: Tensor, channels: list[int]
     ) -> Tensor:
-        height, width = images.shape[-2:]
+        height, width = inputs.shape[-2:]
         if self.protocol == "torchcam":
-            noise = self._noise(channels, (1, height, width), images)[rows, steps]
-            return (masks[rows] + self.sigma * noise) * images[rows]
-        masked = (images * masks)[rows]
-        noise = self._noise(channels, (3, height, width), images)[rows, steps]
+            # (M[rows] + sigma * noise) * X[rows], in place (the noise is a fresh gather, free to scale)
+            noise = self._noise(channels, (1, height, width), inputs)[rows, steps]
+            return inputs.mul_(masks.add_(noise.mul_(self.sigma)))
+        masked = inputs.mul_(masks)
+        noise = self._noise(channels, (3, height, width), inputs)[rows, steps]
         if self.noise == "sigma":
-            return masked + self.sigma * noise
+            return masked.add_(noise.mul_(self.sigma))
         span = masked.amax(dim=(1, 2, 3)) - masked.amin(dim=(1, 2, 3))
         std = torch.where(span > 0, (self.sigma / torch.where(span > 0, span, 1.0)) ** 2, 0.0)
-        return masked + std.view(-1, 1, 1, 1) * noise
+        return masked.add_(noise.mul_(std.view(-1, 1, 1, 1)))
 
     def _extra_repr(self) -> str:
         return (
