@@ -363,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .claims import ClaimError
     from .config import ConfigError
     from .data import DataSourceError, ManifestError, UnreadableImageError
+    from .models import WeightsUnavailableError
     from .explain import ExplainError
     from .layers import LayerNotFoundError
     from .paths import DataRootError
@@ -371,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     user_errors: tuple[type[BaseException], ...] = (
         _UserError, ConfigError, DataRootError, StoreError, TableError, ExplainError, LayerNotFoundError,
-        ClaimError, ManifestError, DataSourceError, UnreadableImageError)
+        ClaimError, ManifestError, DataSourceError, UnreadableImageError, WeightsUnavailableError)
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

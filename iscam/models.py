@@ -34,6 +34,7 @@ convolution (see :mod:`iscam.deepcompression`).
 from __future__ import annotations
 
 import os
+import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -325,8 +326,9 @@ def _load_option(info: ModelInfo, option: str, data_root: str | os.PathLike[str]
         try:
             return torchvision.models.get_model(info.name, weights=enum)
         except OSError as error:  # no network (URLError), a full or read-only torch hub cache
+            reason = error.reason if isinstance(error, urllib.error.URLError) else (error.strerror or error)
             raise WeightsUnavailableError(
-                f"{info.name}: torchvision's weights could not be downloaded from {enum.url} ({error}); "
+                f"{info.name}: torchvision's {enum} weights cannot be downloaded from {enum.url} ({reason}); "
                 f"download that file elsewhere and pass it with --weights FILE (weights=FILE), or put it in "
                 f"the torch hub cache ({torch.hub.get_dir()}/checkpoints)"
             ) from None

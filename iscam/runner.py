@@ -54,6 +54,7 @@ import pandas as pd
 import torch
 
 from . import provenance
+from .allocator import tune_allocator
 from .config import (
     DEVICES,
     ConfigError,
@@ -467,9 +468,12 @@ class _BatchRunner:
         self.device = device
         self.metric_batch = config.metrics.batch_size
         self.has_boxes = True
+        #: per dataset row, whether its manifest lists a box: a sample whose boxes all fall outside the crop
+        #: has none left after mapping, and must not be reported as an image without boxes
+        self.listed_boxes: Sequence[bool] = ()
 
     def metrics(self, x: torch.Tensor, saliency: torch.Tensor, target: torch.Tensor,
-                boxes: Sequence[torch.Tensor | None]) -> dict[str, Any]:
+                boxes: Sequence[torch.Tensor | None], indices: Sequence[int] = ()) -> dict[str, Any]:
         from . import metrics as M
 
         spec = self.config.metrics
@@ -505,7 +509,8 @@ class _BatchRunner:
                     skip[i] = "the images come without boxes"
                     continue
                 if image_boxes.numel() == 0:
-                    skip[i] = "no boxes in the manifest"
+                    listed = bool(self.listed_boxes) and self.listed_boxes[indices[i]]
+                    skip[i] = "every box outside the crop" if listed else "no boxes in the manifest"
                     continue
                 inside = _inside_boxes(image_boxes, height, width)
                 if inside.shape[0] == 0:
@@ -568,7 +573,7 @@ def _process_batch_once(runner: _BatchRunner, method: MethodRunner, batch: Any, 
     method_seconds = time.perf_counter() - start
     before = runner.model.forwards
     start = time.perf_counter()
-    values = runner.metrics(x, saliency, target, list(batch.boxes))
+    values = runner.metrics(x, saliency, target, list(batch.boxes), batch.indices.tolist())
     _sync(device)
     metric_seconds = time.perf_counter() - start
     metric_forwards = runner.model.forwards - before
@@ -1052,6 +1057,9 @@ def run(config: ExperimentConfig, *, out: str | os.PathLike[str] | None = None,
     from .paths import optional_data_root
 
     started = provenance.now()
+    # glibc would map, zero-fill and unmap every large forward batch: the kernel then takes more time than
+    # torch (issue 12); keeping freed memory in the heap removes that, and changes no number
+    allocator = tune_allocator()
     check_methods(config)
     torch_device = resolve_device(device or config.device, int(os.environ.get("LOCAL_RANK", "0")))
     folder = Path(out) if out is not None else default_output(config)
@@ -1074,7 +1082,8 @@ def run(config: ExperimentConfig, *, out: str | os.PathLike[str] | None = None,
             summary = _run_locked(config, studies, store, dataset, manifest, root, layer, torch_device, dist,
                                   started=started, command=command, progress=progress,
                                   recompute_stale=recompute_stale, tqdm=tqdm, data_module=iscam_data,
-                                  tables=[t for t in _table_studies(config) if not only or t in only])
+                                  tables=[t for t in _table_studies(config) if not only or t in only],
+                                  allocator=allocator)
             _barrier(dist)
         return summary
     finally:
@@ -1087,7 +1096,8 @@ def run(config: ExperimentConfig, *, out: str | os.PathLike[str] | None = None,
 def _run_locked(config: ExperimentConfig, studies: list[PlannedStudy], store: ResultsStore, dataset: Any,
                 manifest: Path, root: Path | None, layer: str, device: torch.device, dist: _Dist, *,
                 started: str, command: str, progress: bool, recompute_stale: bool, tqdm: Any,
-                data_module: Any, tables: Sequence[str] = ()) -> RunSummary:
+                data_module: Any, tables: Sequence[str] = (), allocator: Mapping[str, int] | None = None
+                ) -> RunSummary:
     weights = "none" if config.model.weights is None else str(config.model.weights)
     existing = store.keys(with_columns=STAMP_COLUMNS)
     present = set(existing[list(KEY_COLUMNS)].itertuples(index=False, name=None))
@@ -1163,6 +1173,7 @@ def _run_locked(config: ExperimentConfig, studies: list[PlannedStudy], store: Re
         stages = _sanity_stages(config, model, probe) if sanity_units else {}
         runner = _BatchRunner(config, model, device)
         runner.has_boxes = dataset.has_boxes
+        runner.listed_boxes = [len(b) > 0 for b in dataset.boxes] if dataset.has_boxes else ()
         for planned, spec, fixed, stamp, todo in work:
             mine = todo[dist.rank::dist.world]
             count = sum(len(c) for c in mine)
@@ -1224,7 +1235,7 @@ def _run_locked(config: ExperimentConfig, studies: list[PlannedStudy], store: Re
             per_image={label: c["seconds"] for label, c in cost.items()},
             images={label: int(c["images"]) for label, c in cost.items()},
             written=sum(p["written"] for p in gathered)),
-            "status": "complete", "cost": cost, "unreadable": unreadable,
+            "status": "complete", "cost": cost, "unreadable": unreadable, "allocator": dict(allocator or {}),
             "stale_recomputed": sum(stale_total.values()), "tables": table_summary}
         store.write_provenance(final)
     return RunSummary(out=store.folder, rows_written=written,

@@ -435,11 +435,6 @@ def test_no_row_stores_a_nan_pointing_value(
     assert frame[["y", "o", "insertion_auc", "deletion_auc"]].notna().all().all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the runner patch in the report (an image whose boxes all fall "
-    "outside the crop is reported as one without boxes)",
-)
 def test_a_box_outside_the_crop_is_reported_as_such(
     tmp_path: Path, capsys: pytest.CaptureFixture, assets: Path
 ) -> None:
@@ -684,9 +679,6 @@ def test_explain_writes_its_png_and_map_as_ordinary_files(
     assert saliency.shape == (128, 128) and saliency.max() == pytest.approx(1.0)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="needs the tflite patch in the report (its cache is written with mkstemp: mode 0600)"
-)
 def test_the_model_cache_honours_the_umask(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, assets: Path, umask_022: None
 ) -> None:
@@ -935,10 +927,6 @@ def test_a_truncated_run_json_is_named(small: Path, tmp_path: Path, capsys: pyte
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the models patch in the report (torchvision's download error surfaces as it is)",
-)
 def test_paper_weights_that_cannot_be_downloaded_name_the_weights_option(
     image: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
