@@ -363,9 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .claims import ClaimError
     from .config import ConfigError
     from .data import DataSourceError, ManifestError, UnreadableImageError
-    from .models import WeightsUnavailableError
     from .explain import ExplainError
     from .layers import LayerNotFoundError
+    from .models import WeightsUnavailableError
     from .paths import DataRootError
     from .store import StoreError
     from .tables import TableError
