@@ -55,6 +55,7 @@ __all__ = [
     "provenance_table",
     "published_dir",
     "rows",
+    "sanity_flags",
     "weights_text",
 ]
 
@@ -182,6 +183,44 @@ class ProfileRun:
                 lacking = sum(len(v) for v in chosen.missing.values())
                 lines.append(f"{planned.study.title}: {lacking} rows missing")
         return lines
+
+    # -- the tables beside the rows: ROAD and the sanity checks ---------------------------------------
+    def _setup(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """``frame``'s rows of this config's setup and base methods (model, weights, preprocessing, layer,
+        precision, method parameters)."""
+        keys = tables._config_keys(self.config)
+        for column in ("model", "weights", "resize", "layer", "precision"):
+            frame = frame[frame[column] == keys[column]]
+        wanted = {(m.name, self.config.method_key(m)) for m in self.config.methods}
+        return frame[[pair in wanted for pair in zip(frame["method"], frame["params_key"])]]
+
+    def road(self) -> pd.DataFrame:
+        """The ROAD rows of the base methods on the config's ROAD images (paired: the images every method
+        has), or a :class:`BookError` naming the command when the store has none."""
+        if self.config.road is None:
+            raise BookError(f"profile {self.profile!r} has no road section: ROAD is not computed for it")
+        stored = self.store.read(table="road")
+        frame = self._setup(stored[stored["road_key"] == self.config.road.key(self.config.seed)]) \
+            if len(stored) else stored
+        if frame.empty:
+            raise BookError(f"{self.profile}: the store has no ROAD rows; compute them with: {self.command} "
+                            "--only road")
+        counts = frame.groupby("file")["method"].nunique()
+        return frame[frame["file"].isin(counts[counts == counts.max()].index)].reset_index(drop=True)
+
+    def sanity(self) -> pd.DataFrame:
+        """The sanity-check rows (similarity of each randomisation stage's map to the trained one) of the base
+        methods under the config's subsets, or a :class:`BookError` naming the command when there are none."""
+        if not self.config.sanity:
+            raise BookError(f"profile {self.profile!r} has no sanity section: the checks are not computed")
+        stored = self.store.read(table="sanity")
+        keys = {subset.randomisation(mode, self.config.seed)
+                for subset in self.config.sanity for mode in subset.modes}
+        frame = self._setup(stored[stored["randomisation"].isin(keys)]) if len(stored) else stored
+        if frame.empty:
+            raise BookError(f"{self.profile}: the store has no sanity-check rows; compute them with: "
+                            f"{self.command} --only sanity")
+        return frame.reset_index(drop=True)
 
     # -- maps, images, Fig. 1 ----------------------------------------------------------------------
     def maps(self, frame: pd.DataFrame) -> torch.Tensor:
@@ -407,7 +446,27 @@ def claims_table(runs: Sequence[ProfileRun], *, n_boot: int = 10000) -> tuple[pd
     frame = pd.concat(frames, ignore_index=True)
     sweep = pd.concat(sweeps, ignore_index=True) if sweeps else None
     similarity = pd.concat(similarities, ignore_index=True) if similarities else None
-    return claims.evaluate(frame, sweep=sweep, similarity=similarity, n_boot=n_boot), similarity
+    flags = sanity_flags(runs)
+    return claims.evaluate(frame, sweep=sweep, similarity=similarity, flags=flags or None,
+                           n_boot=n_boot), similarity
+
+
+def sanity_flags(runs: Sequence[ProfileRun]) -> set[str]:
+    """Methods whose maps barely change when the model's weights are randomised
+    (:func:`iscam.sanity.insensitive_methods` on each store that has sanity checks)."""
+    from . import sanity
+
+    flagged: set[str] = set()
+    for run in runs:
+        if not run.config.sanity:
+            continue
+        try:
+            rows = run.sanity()
+        except BookError:
+            continue
+        table = sanity.insensitive_methods(rows, n_boot=1000)
+        flagged.update(table.loc[table["flagged"], "method"])
+    return flagged
 
 
 def claims_glue(table: pd.DataFrame, runs: Sequence[ProfileRun]) -> None:

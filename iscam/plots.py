@@ -31,6 +31,7 @@ __all__ = [
     "overlay",
     "pipeline_figure",
     "pipeline_view",
+    "sanity_figure",
     "save_png",
     "to_rgb_uint8",
 ]
@@ -311,5 +312,38 @@ def bar_figure(table: pd.DataFrame, value: str, *, by: str = "name", hue: str | 
     axis.grid(axis="x", alpha=0.3)
     if hue:
         axis.legend(fontsize=8)
+    plt.close(figure)
+    return figure
+
+
+def sanity_figure(summary: pd.DataFrame, *, mode: str = "cascading", title: str = "") -> Any:
+    """The sanity checks' curves (Adebayo et al. 2018, their Fig. 2): for each similarity metric, the mean
+    similarity of every method's map to the trained model's map (stage 0 = trained, 1) against the number of
+    layers re-initialised, from the logits down (``mode="cascading"``) or one layer at a time
+    (``"independent"``); the random baseline, dashed, is the chance level. ``summary``:
+    :func:`iscam.sanity.summarise`."""
+    import matplotlib.pyplot as plt
+
+    part = summary[summary["mode"] == mode]
+    metrics = list(dict.fromkeys(part["metric"]))
+    names = dict(PAPER_NAMES)
+    figure, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False,
+                                constrained_layout=True)
+    for axis, metric in zip(axes[0], metrics):
+        rows = part[part["metric"] == metric]
+        for method in sorted(rows["method"].unique(), key=_method_rank):
+            line = rows[rows["method"] == method].sort_values("n_randomised")
+            x = [0, *line["n_randomised"].tolist()]
+            y = [1.0, *line["mean"].tolist()]
+            style = {"linestyle": "--", "color": "0.4"} if method == "random" else {"marker": "o", "markersize": 3}
+            axis.plot(x, y, label=names.get(method, method), **style)
+        axis.set_title(metric.replace("_", " "), fontsize=9)
+        axis.set_xlabel("layers randomised" if mode == "cascading" else "stage (one layer randomised)", fontsize=8)
+        axis.set_ylim(-1.05, 1.05)
+        axis.grid(alpha=0.3)
+        axis.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("similarity to the trained model's map", fontsize=8)
+    axes[0][-1].legend(fontsize=7)
+    figure.suptitle(title or f"Sanity checks, {mode} randomisation", fontsize=10)
     plt.close(figure)
     return figure

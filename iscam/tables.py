@@ -41,6 +41,7 @@ __all__ = [
     "cost_table",
     "map_similarity",
     "paper_comparison",
+    "road_table",
     "variant_table",
     "select",
     "selection",
@@ -252,6 +253,8 @@ def _check_unique(frame: pd.DataFrame) -> None:
     """One parameter set, metric protocol and setup per (model, method), or a TableError naming them."""
     for (model, method), group in frame.groupby(["model", "method"], sort=False):
         for column in ("params_key", "metrics_key", "layer", "precision", "weights", "resize"):
+            if column not in group:  # e.g. the road table: ROAD has no metric parameters
+                continue
             values = sorted(group[column].astype(str).unique())
             if len(values) > 1:
                 example = f"--set {_SET_KEYS[column]}={values[0]}" if column not in ("params_key", "metrics_key") \
@@ -266,7 +269,7 @@ def _check_unique(frame: pd.DataFrame) -> None:
 def _paper(table: str, model: str, metric: str, method: str, paper_model: str | None) -> tuple[float, str]:
     from .models import MODELS
 
-    values = PAPER_VALUES[table]
+    values = PAPER_VALUES.get(table, {})  # ROAD is not in the paper
     column = MODELS[model].paper_column if model in MODELS else None
     chosen = paper_model or (column if column in values else "vgg16")
     if chosen not in values:
@@ -325,6 +328,17 @@ def table_iii(frame: pd.DataFrame, *, methods: Sequence[str] | None = None, pape
     """Table III: energy-based pointing game, proportion of the map's energy inside the boxes, %."""
     return _metric_table(frame, "table_iii", [("pointing", "pointing")],
                          methods=methods, paper_model=paper_model, n_boot=n_boot, seed=seed)
+
+
+def road_table(frame: pd.DataFrame, *, methods: Sequence[str] | None = None, n_boot: int = 10000,
+               seed: int = 0) -> pd.DataFrame:
+    """ROAD (Rong et al. 2022) beside Table I, from a store's ``road`` table: the mean MoRF curve (most
+    relevant pixels removed first; lower is better), the mean LeRF curve (least relevant first; higher is
+    better) and their gap (LeRF - MoRF; higher is better), x 100, per image and averaged over the removal
+    fractions. The paper has no ROAD numbers."""
+    return _metric_table(frame, "road", [("road_morf", "road_morf"), ("road_lerf", "road_lerf"),
+                                         ("road_gap", "road_gap")],
+                         methods=methods, paper_model=None, n_boot=n_boot, seed=seed)
 
 
 def win_table(frame: pd.DataFrame, *, method: str = "iscam", against: Sequence[str] = ("sscam", "scorecam"),
@@ -433,7 +447,8 @@ def format_table(table: pd.DataFrame, *, title: str | None = None, digits: int =
 # --------------------------------------------------------------------------------------------------
 
 _STAT_LABELS = ("ours", "95 % CI", "paper", "Δ")
-_DISPLAY_LABELS = {"insertion": "Insertion AUC % ↑", "deletion": "Deletion AUC % ↓",
+_DISPLAY_LABELS = {"road_morf": "ROAD MoRF % ↓", "road_lerf": "ROAD LeRF % ↑", "road_gap": "ROAD gap % ↑",
+                   "insertion": "Insertion AUC % ↑", "deletion": "Deletion AUC % ↓",
                    "average_drop": "Average Drop % ↓", "increase": "Increase in Confidence % ↑",
                    "win": "Win % ↑", "pointing": "Pointing game % ↑"}
 
