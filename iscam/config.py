@@ -768,6 +768,15 @@ def check_methods(config: ExperimentConfig) -> None:
             except (TypeError, ValueError) as error:
                 where = "" if not study.variant else f" (variant {study.title})"
                 raise ConfigError(f"method {spec.label()}{where}: {error}") from None
+    if config.sanity:  # SSIM and HOG need maps of a minimum size: say so now, not after the base rows
+        from . import sanity
+        from .models import MODELS
+
+        size = config.model.input_size or MODELS[config.model.name].input_size
+        try:
+            sanity.check_map_size(size, size)
+        except ValueError as error:
+            raise ConfigError(f"sanity: {error}; turn the checks off with --set sanity=null") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -279,7 +279,8 @@ def _causal_curve(model: Callable[[Tensor], Tensor], x: Tensor, saliency: Tensor
 
     steps = math.ceil(height * width / step)
     frames_per_image = steps + 1
-    background = _substrate_images(substrate, x)
+    # in x's dtype: under autocast a blurred substrate comes out in bf16/fp16 (torch.where promoted it before)
+    background = _substrate_images(substrate, x).to(x.dtype)
     ranks = pixel_ranks(saliency)
     # Frame t shows ``shown`` at the pixels ranked < t * step and ``hidden`` elsewhere.
     shown, hidden = (x, background) if insertion else (background, x)

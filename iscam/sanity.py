@@ -77,6 +77,7 @@ from iscam.methods.base import CAM, Target, _eval_mode
 from iscam.stats import bootstrap_ci
 
 __all__ = [
+    "check_map_size",
     "GRANULARITIES",
     "HOG_BLOCK",
     "HOG_CELL",
@@ -447,6 +448,11 @@ def _check_batch(x: Any) -> Tensor:
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point (normalised) tensor, got {x.dtype}")
     return x
+
+
+def check_map_size(height: int, width: int, hog_cell: Any = HOG_CELL) -> None:
+    """A ``ValueError`` when maps of ``height x width`` are too small for SSIM's window and a HOG block."""
+    _check_map_size(height, width, hog_cell)
 
 
 def _check_map_size(height: int, width: int, hog_cell: Any) -> None:

@@ -300,3 +300,9 @@ def test_spread_stages_keep_the_first_and_the_fully_randomised_stage() -> None:
         ("independent", 1, ("d",)), ("independent", 4, ("a",))]
     with pytest.raises(ValueError, match="count must be a positive int"):
         spread_positions(4, 0)
+
+
+def test_sanity_checks_on_too_small_an_input_are_refused_before_any_work() -> None:
+    with pytest.raises(ConfigError, match=r"sanity: maps of 32x32 pixels are too small.*--set sanity=null"):
+        check_methods(load_config("smoke", ["model.input_size=32"]))
+    check_methods(load_config("smoke", ["model.input_size=32", "sanity=null"]))

@@ -546,3 +546,14 @@ def test_cuda_matches_cpu(tiny_cnn):
         torch.testing.assert_close(gpu_values.cpu(), cpu_values, rtol=0, atol=1e-5)
     torch.testing.assert_close(metrics.energy_pointing_game(saliency.cuda(), [b.cuda() for b in boxes]).cpu(),
                                metrics.energy_pointing_game(saliency, boxes), rtol=0, atol=1e-6)
+
+
+def test_curves_under_autocast_keep_the_inputs_dtype(tiny_cnn) -> None:
+    """Under bf16 autocast the blurred substrate comes out in bf16; the frames stay in x's dtype (they did
+    when torch.where promoted them, before the frames were built in reused buffers)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    saliency = torch.rand(2, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        curve = metrics.insertion_curve(tiny_cnn, x, saliency, 1, step=32, substrate="blur")
+    assert curve.shape == (2, 9) and torch.isfinite(curve).all()

@@ -42,12 +42,15 @@ def _build_module():
 
 
 def _tiny(name: str) -> list[str]:
-    """Overrides that make a paper profile run in seconds: random weights, 32 px, 2 images, N = 2."""
-    return ["model.weights=null", "model.input_size=32", f"model.target_layer={TINY_LAYERS[name]}",
+    """Overrides that make a paper profile run in seconds: random weights, 48 px (the sanity checks' minimum),
+    2 images, N = 2, ROAD and the sanity checks on one image."""
+    return ["model.weights=null", "model.input_size=48", f"model.target_layer={TINY_LAYERS[name]}",
             "data.num_images=2", "methods.iscam.N=2", "methods.sscam.N=2", "methods.smoothgradcampp.n_samples=2",
             "metrics.insertion.step=256", "metrics.deletion.step=256", "metrics.batch_size=64",
             "variants.n_sweep.images=2", "variants.n_sweep.grid={methods.iscam.N: [1, 2]}",
-            "variants.protocol.images=1", "figures.images=2", "forward_batch_size=64", "batch_size=2"]
+            "variants.protocol.images=1", "figures.images=2", "forward_batch_size=64", "batch_size=2",
+            "road.images=1", "road.fractions=[0.2, 0.8]", "sanity.all.images=1", "sanity.all.stages=2",
+            "sanity.all.methods=[gradcam, random]"]
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +90,7 @@ def test_make_reproduce_path_runs_the_three_paper_profiles_through_stores_and_th
     assert status == 0
     for name in PAPER:
         frame = ResultsStore(results / name).read(curves=False)
-        assert set(frame["weights"]) == {"none"} and set(frame["resize"]) == {"crop@32"}
+        assert set(frame["weights"]) == {"none"} and set(frame["resize"]) == {"crop@48"}
         assert frame["pointing"].notna().any()  # the boxes of the XML reached the pointing game
         assert ResultsStore(results / name).provenance()["status"] == "complete"
     claims = glue_values(chapters / "00-claims.ipynb")
