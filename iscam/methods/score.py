@@ -15,7 +15,9 @@ Faithful default (``protocol="authors"``, the code behind the paper's numbers):
 ``protocol="torchcam"`` reproduces TorchCAM 0.5.0 instead: masks are min-max normalised *before* upsampling
 (with ``+1e-8`` in the denominator, no channel skipped), the score is the target logit minus the clean
 input's target logit, the averaged scores are turned into weights by a softmax across channels, and the map
-is ``ReLU(sum_k w_k A_k)`` normalised at the layer's resolution, then upsampled.
+is ``ReLU(sum_k w_k A_k)`` normalised at the layer's resolution, then upsampled. Each of these steps is one
+method of a protocol object (:class:`ScoreProtocol`, :class:`TorchCAMProtocol`), so the shared machinery
+below has no branch on the protocol.
 
 Speed: every (image, channel, step) triple is one row of a work list that is forwarded in chunks of
 ``batch_size`` across channels, steps and images; constant channels are never forwarded, channels whose
@@ -49,6 +51,9 @@ from iscam.methods.base import (
 __all__ = [
     "ISCAM",
     "ISCAMTrace",
+    "SCORE_PROTOCOLS",
+    "ScoreProtocol",
+    "TorchCAMProtocol",
     "NOISE_MODES",
     "PROTOCOLS",
     "SCHEDULES",
@@ -101,6 +106,87 @@ def _torchcam_normalise(activation: Tensor) -> Tensor:
     return shifted / (shifted.amax(dim=(-2, -1), keepdim=True) + _TORCHCAM_EPS)
 
 
+class ScoreProtocol:
+    """How the Score family turns masked inputs into a map: the authors' code (this class) or TorchCAM's
+    (:class:`TorchCAMProtocol`). Every step where the two differ is one method here, so each algorithm reads
+    straight through: masks and skipped channels, deduplication keys, the score of a perturbed input, the
+    weights from the averaged scores, and the last, model-free steps of the map."""
+
+    name: ClassVar[str] = "authors"
+    #: SS-CAM's noise goes on the mask (TorchCAM) instead of on the masked input (the authors' SSCAM2).
+    noise_on_mask: ClassVar[bool] = False
+
+    @staticmethod
+    def masks(activation: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Normalised masks ``[G, K, H, W]`` and the scored channels ``[G, K]``: ``U_k = up(A_k)``, min-max
+        normalised after upsampling; a constant ``U_k`` is skipped (weight 0)."""
+        masks = upsample(activation, size)
+        if masks is activation:  # already at the input size: normalise a copy, not the activation
+            masks = masks.clone()
+        low = masks.amin(dim=(-2, -1), keepdim=True)
+        span = masks.amax(dim=(-2, -1), keepdim=True) - low
+        valid = span > 0
+        masks.sub_(low).div_(torch.where(valid, span, torch.ones_like(span)))
+        return masks.contiguous(), valid[..., 0, 0]
+
+    @staticmethod
+    def dedup_keys(activation: Tensor) -> Tensor:
+        """Low-resolution keys ``[G, K, h, w]``: channels with equal keys have equal masks (up to rounding,
+        since upsampling is linear and min-max normalisation scale- and shift-invariant); float64, so only
+        maps whose normalised values agree to ~1e-16 merge."""
+        return minmax_normalize(activation.to(torch.float64))
+
+    @staticmethod
+    def score(logits: Tensor, labels: Tensor, clean: Tensor) -> Tensor:
+        """The score of each perturbed input: the softmax probability of its image's target class."""
+        return torch.softmax(logits, 1).gather(1, labels[:, None]).squeeze(1)
+
+    @staticmethod
+    def weights(averaged: Tensor, valid: Tensor) -> Tensor:
+        """The channel weights from the scores averaged over the steps: as they are, 0 for skipped channels."""
+        return torch.where(valid, averaged, torch.zeros_like(averaged))
+
+    @staticmethod
+    def finish(raw: Tensor, size: tuple[int, int]) -> Tensor:
+        """``minmax(ReLU(up(raw)))`` (ReLU after upsampling, which ``up(sum_k alpha_k A_k) = sum_k alpha_k
+        U_k`` makes exact)."""
+        return minmax_normalize(torch.relu(upsample(raw.unsqueeze(1), size))).squeeze(1)
+
+
+class TorchCAMProtocol(ScoreProtocol):
+    """TorchCAM 0.5.0's Score family: masks min-max normalised *before* upsampling with ``+1e-8`` (no channel
+    skipped), the score is the target logit minus the clean input's, the weights a softmax across channels,
+    and the map ``ReLU(sum_k w_k A_k)`` normalised at the layer's resolution, then upsampled."""
+
+    name = "torchcam"
+    noise_on_mask = True
+
+    @staticmethod
+    def masks(activation: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        masks = upsample(_torchcam_normalise(activation), size).contiguous()
+        return masks, torch.ones(masks.shape[:2], dtype=torch.bool, device=masks.device)
+
+    @staticmethod
+    def dedup_keys(activation: Tensor) -> Tensor:
+        return _torchcam_normalise(activation)  # masks are a function of these, bit for bit
+
+    @staticmethod
+    def score(logits: Tensor, labels: Tensor, clean: Tensor) -> Tensor:
+        return logits.gather(1, labels[:, None]).squeeze(1) - clean
+
+    @staticmethod
+    def weights(averaged: Tensor, valid: Tensor) -> Tensor:
+        return torch.softmax(averaged, dim=1)
+
+    @staticmethod
+    def finish(raw: Tensor, size: tuple[int, int]) -> Tensor:
+        return upsample(_torchcam_normalise(torch.relu(raw.unsqueeze(1))), size).squeeze(1)
+
+
+#: The Score family's protocols by ``protocol=`` name.
+SCORE_PROTOCOLS: dict[str, type[ScoreProtocol]] = {p.name: p for p in (ScoreProtocol, TorchCAMProtocol)}
+
+
 class _ScoreFamily(CAM):
     """Shared batching of the Score family; a subclass defines ``_steps`` and ``_perturb``."""
 
@@ -117,6 +203,7 @@ class _ScoreFamily(CAM):
         compile: bool = False,
     ) -> None:
         self.protocol = _check_choice("protocol", protocol, PROTOCOLS)
+        self._protocol = SCORE_PROTOCOLS[self.protocol]
         self.dedup = bool(dedup)
         self.compile = bool(compile)
         self._compiled: nn.Module | None = None
@@ -164,12 +251,8 @@ class _ScoreFamily(CAM):
 
     @classmethod
     def finish(cls, raw: Tensor, size: tuple[int, int], *, protocol: str = "authors", **_: Any) -> Tensor:
-        """``minmax(ReLU(up(raw)))`` (the authors': ReLU after upsampling, which ``up(sum_k alpha_k A_k) =
-        sum_k alpha_k U_k`` makes exact); with ``protocol="torchcam"``, ``up(minmax_eps(ReLU(raw)))``."""
-        combined = raw.unsqueeze(1)
-        if protocol == "torchcam":
-            return upsample(_torchcam_normalise(torch.relu(combined)), size).squeeze(1)
-        return minmax_normalize(torch.relu(upsample(combined, size))).squeeze(1)
+        """The map from the raw map, as the ``protocol`` finishes it (:meth:`ScoreProtocol.finish`)."""
+        return SCORE_PROTOCOLS[_check_choice("protocol", protocol, PROTOCOLS)].finish(raw, size)
 
     def _finish_params(self) -> dict[str, Any]:
         return {"protocol": self.protocol}
@@ -249,11 +332,7 @@ class _ScoreFamily(CAM):
             )
             with self._autocast(x.device):
                 logits = self._perturbed_forward(self._layout(inputs)).to(activation.dtype)
-            if self.protocol == "torchcam":
-                chosen = logits.gather(1, labels[image_of_row][:, None]).squeeze(1)
-                scores[rows] = chosen - clean[image_of_row]
-            else:
-                scores[rows] = torch.softmax(logits, 1).gather(1, labels[image_of_row][:, None]).squeeze(1)
+            scores[rows] = self._protocol.score(logits, labels[image_of_row], clean[image_of_row])
             self.forward_count += count
 
         with torch.no_grad():
@@ -261,11 +340,7 @@ class _ScoreFamily(CAM):
             weights = torch.zeros(n_images, n_channels, dtype=activation.dtype, device=x.device)
             weights[pairs[:, 0], pairs[:, 1]] = scores.view(-1, steps).mean(1)
             # A duplicate takes its representative's weight; a representative (or any channel) keeps its own.
-            weights = weights.gather(1, canonical)
-            if self.protocol == "torchcam":
-                weights = torch.softmax(weights, dim=1)
-            else:
-                weights = torch.where(valid, weights, torch.zeros_like(weights))
+            weights = self._protocol.weights(weights.gather(1, canonical), valid)
         counts = {
             "skipped_constant": int((~valid).sum()),
             "deduplicated": int((valid & (canonical != arange)).sum()) if self.dedup else 0,
@@ -274,17 +349,7 @@ class _ScoreFamily(CAM):
 
     def _masks(self, activation: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """Normalised masks ``[G, K, H, W]`` and which channels are scored (``[G, K]`` bool)."""
-        if self.protocol == "torchcam":
-            masks = upsample(_torchcam_normalise(activation), size).contiguous()
-            return masks, torch.ones(masks.shape[:2], dtype=torch.bool, device=masks.device)
-        masks = upsample(activation, size)
-        if masks is activation:  # already at the input size: normalise a copy, not the activation
-            masks = masks.clone()
-        low = masks.amin(dim=(-2, -1), keepdim=True)
-        span = masks.amax(dim=(-2, -1), keepdim=True) - low
-        valid = span > 0
-        masks.sub_(low).div_(torch.where(valid, span, torch.ones_like(span)))
-        return masks.contiguous(), valid[..., 0, 0]
+        return self._protocol.masks(activation, size)
 
     def _dedup_keys(self, activation: Tensor) -> Tensor:
         """Low-resolution keys ``[G, K, h, w]``: two channels with equal keys have equal masks.
@@ -296,10 +361,7 @@ class _ScoreFamily(CAM):
         one-hot maps of a sparse ReLU layer, ~5 % of the Coral MobileNetV2's ``features.18`` channels on real
         images -- get one forward. Comparing 7x7 keys instead of 224x224 masks is also cheaper.
         """
-        if self.protocol == "torchcam":
-            return _torchcam_normalise(activation)
-        # float64, so only maps whose normalised values agree to ~1e-16 merge
-        return minmax_normalize(activation.to(torch.float64))
+        return self._protocol.dedup_keys(activation)
 
     @staticmethod
     def _canonical(keys: Tensor, valid: Tensor) -> Tensor:
@@ -570,7 +632,7 @@ class SSCAM(_ScoreFamily):
         self, inputs: Tensor, masks: Tensor, rows: Tensor, steps: Tensor, channels: list[int]
     ) -> Tensor:
         height, width = inputs.shape[-2:]
-        if self.protocol == "torchcam":
+        if self._protocol.noise_on_mask:
             # (M[rows] + sigma * noise) * X[rows], in place (the noise is a fresh gather, free to scale)
             noise = self._noise(channels, (1, height, width), inputs)[rows, steps]
             return inputs.mul_(masks.add_(noise.mul_(self.sigma)))
