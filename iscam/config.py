@@ -520,6 +520,12 @@ def _variant_dict(variant: VariantSpec) -> dict[str, Any]:
     return raw
 
 
+def _check_section_name(section: str, kind: str, name: Any) -> None:
+    """Names of variants and sanity subsets key stored rows and ``--set`` paths: letters, digits, - and _."""
+    if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(f"{section}: a {kind} name must be letters, digits, '-' or '_', got {name!r}")
+
+
 _VARIANT_KEYS = {"images": None, "methods": None, "sets": None, "grid": None, "baseline": None,
                  "description": None}
 
@@ -533,8 +539,7 @@ def _variants(section: Any, raw: Mapping[str, Any], methods: Sequence[MethodSpec
     variants = []
     for name, entry in section.items():
         where = f"variants.{name}"
-        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
-            raise ConfigError(f"variants: a variant name must be letters, digits, '-' or '_', got {name!r}")
+        _check_section_name("variants", "variant", name)
         if not isinstance(entry, Mapping):
             raise ConfigError(f"{where} must be a mapping {{images, methods, sets | grid}}, got {entry!r}")
         _known_keys(entry, _VARIANT_KEYS, where)
@@ -627,8 +632,7 @@ def _sanity(section: Any) -> tuple[SanitySpec, ...]:
     subsets = []
     for name, entry in section.items():
         where = f"sanity.{name}"
-        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
-            raise ConfigError(f"sanity: a subset name must be letters, digits, '-' or '_', got {name!r}")
+        _check_section_name("sanity", "subset", name)
         if entry is None:  # --set sanity.<name>=null turns one subset off
             continue
         if not isinstance(entry, Mapping):
