@@ -82,7 +82,7 @@ def test_workflow_tests_builds_and_deploys() -> None:
     assert uses["actions/upload-pages-artifact"]["with"]["path"] == "book/_build/html"
     kept = uses["actions/upload-artifact"]
     assert kept["if"] == "failure()" and set(kept["with"]["path"].split()) == {
-        "notebooks/executed",
+        "book/notebooks",
         "book/_build",
     }
     assert [s["uses"].split("@")[0] for s in deploy["steps"]] == ["actions/deploy-pages"]
