@@ -99,7 +99,9 @@ def _unpack(folder: Path) -> Path:
             for member in members:
                 if Path(member.name).is_absolute() or ".." in Path(member.name).parts:
                     raise BookError(f"{packed}: unsafe member {member.name!r}")
-            archive.extractall(folder.parent, members=members, filter="data")
+            # the "data" filter (Python >= 3.10.12 / 3.11.4) also refuses links and special files
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            archive.extractall(folder.parent, members=members, **safe)
     return folder
 
 
