@@ -3,9 +3,13 @@ reference loops the methods are checked against."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -231,3 +235,39 @@ def write_imagenet_layout(root: Path, images: list[tuple[int, tuple[int, int], s
         Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / f"{name}.JPEG")
         (boxes_dir / f"{name}.xml").write_text(imagenet_xml(wnid, width, height, boxes), encoding="utf-8")
     return root
+
+
+@dataclass
+class Mirror:
+    folder: Path
+    url: str
+    requests: list[str]  #: the paths the server was asked for, in order
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mirror]:
+    """An empty mirror folder served over HTTP from 127.0.0.1 in a thread; every request is recorded."""
+    folder = tmp_path / "mirror"
+    folder.mkdir()
+    seen: list[str] = []
+
+    class Recording(_QuietHandler):
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            super().do_GET()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Recording, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # a proxy configured for the registries must not intercept
+    try:
+        yield Mirror(folder, f"http://127.0.0.1:{server.server_address[1]}", seen)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -4,61 +4,21 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import http.server
 import os
 import re
 import shutil
 import subprocess
 import sys
-import threading
 import zipfile
-from collections.abc import Iterator
-from dataclasses import dataclass
-from functools import partial
 from importlib import resources
 from pathlib import Path
 
 import pytest
+from conftest import Mirror
 
 from iscam import fetch
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class Mirror:
-    folder: Path
-    url: str
-    requests: list[str]  #: the paths the server was asked for, in order
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mirror]:
-    """An empty mirror folder served over HTTP from 127.0.0.1 in a thread; every request is recorded."""
-    folder = tmp_path / "mirror"
-    folder.mkdir()
-    seen: list[str] = []
-
-    class Recording(_QuietHandler):
-        def do_GET(self) -> None:
-            seen.append(self.path)
-            super().do_GET()
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Recording, directory=str(folder)))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # a proxy configured for the registries must not intercept
-    try:
-        yield Mirror(folder, f"http://127.0.0.1:{server.server_address[1]}", seen)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 def _by_path() -> dict[str, fetch.Asset]:
