@@ -13,7 +13,7 @@ TorchCAM's counterpart of each method, counted forward by forward.
   baseline. Its extractors get the same number of samples / steps (``num_samples``) and noise scale
   (``std``) as iscam's, and otherwise run their own protocol (TorchCAM's Score family scores logit differences
   and softmaxes them across channels; its SS-CAM adds the noise to the mask, its IS-CAM scales the masked
-  input by ``(i + 1) / N`` cumulatively); each scores every channel, at its default batch of 32.
+  input by the running sum of ``(i + 1) / N``); each scores every channel, at its default batch of 32.
 - **Forwards** (:func:`counted_forwards`): images through the model's ``forward``, counted by a pre-hook, for
   both libraries alike (for iscam it must equal the method's own ``forward_count``).
 """
@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 #: Memory layouts a benchmark can run in: PyTorch's default, and channels-last (what ``channels_last: true``
-#: in the shipped configs gives; about 3x faster SqueezeNet convolutions on a CPU).
+#: in the shipped configs gives; it halves a SqueezeNet's Score-CAM time on a CPU, see benchmarks/README.md).
 LAYOUTS: tuple[str, ...] = ("contiguous", "channels_last")
 #: The ``NAME:WEIGHTS`` spelling of random initialisation (``weights=None`` of :func:`iscam.models.load`).
 RANDOM = "random"
