@@ -18,12 +18,20 @@ tuned`` runs each under glibc's default malloc and under :func:`iscam.allocator.
 runs under the same setting as the iscam rows beside it. Results are hashed, so the table says whether the
 allocator changed a single bit (it must not).
 
-``--model``: the Coral models (``mobilenet_v2_coral``, ``mobilenet_v1_coral_tiny``) run with their real
-weights on real sample images; a torchvision name (default ``resnet18``) runs with random weights on random
-normalised images (the cost of a forward does not depend on the weights).
+``--layouts contiguous channels_last`` runs each in PyTorch's default memory layout and in channels-last
+(the model converted, every frame converted in its forward, as ``iscam run`` does with ``channels_last:
+true``); TorchCAM runs in the same layout as the iscam rows beside it.
+
+``--model`` (``NAME`` or ``NAME:WEIGHTS`` of ``iscam.models``, see ``benchmarks/workload.py``): a model with
+real weights -- the Coral models (``mobilenet_v2_coral``, ``mobilenet_v1_coral_tiny``), the offline
+SqueezeNets (``squeezenet1_0:deepcompression``, ``squeezenet1_1:ncnn``) -- runs on real sample images at
+its own input size; a torchvision architecture named bare (default ``resnet18``) runs with random weights
+on random normalised images at ``--size`` (the cost of a forward does not depend on the weights).
 
     python benchmarks/metrics_cpu.py          # CPU; writes benchmarks/results/metrics_cpu.{json,md}
     python benchmarks/metrics_cpu.py --model mobilenet_v2_coral --images 2 --out /tmp/metrics_mnv2
+    python benchmarks/metrics_cpu.py --model squeezenet1_0:deepcompression --images 2 --single-images 0 \
+        --layouts channels_last --allocators tuned --out /tmp/metrics_squeezenet10
     python benchmarks/metrics_cpu.py --device cuda --images 32 --single-images 2 --out /tmp/metrics_cuda
 """
 
@@ -56,8 +64,9 @@ from process_cost import (
     report_to_parent,
     run_in_child,
 )
+from workload import LAYOUTS, ChannelsLast, model_argument, parse_model
 
-from iscam import methods, metrics, models
+from iscam import methods, metrics
 from iscam.data import ManifestDataset, iter_batches, sample_manifest
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -83,18 +92,24 @@ def _device_name(device: torch.device, threads: int) -> str:
 
 
 def load_inputs(spec: dict[str, Any]) -> tuple[nn.Module, str, Tensor, str]:
-    """(model in eval mode on the device, Grad-CAM layer, images, what the images are) for ``spec``."""
+    """(model in eval mode on the device and in the spec's layout, Grad-CAM layer, images, what the images
+    are) for ``spec``."""
     device, count = torch.device(spec["device"]), spec["count"]
-    if spec["model"] in models.CORAL_MODELS:
-        loaded = models.load(spec["model"], device=device)
-        dataset = ManifestDataset(sample_manifest(), loaded.preprocess, limit=count)
-        x = next(iter(iter_batches(dataset, count))).x
-        return loaded.model, loaded.target_layer, x.to(device), f"{count} imagenet-val-sample image(s)"
+    bench = parse_model(spec["model"])
     torch.manual_seed(0)  # the same random weights in every child
-    model = getattr(torchvision.models, spec["model"])(weights=None).eval().to(device)
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(count, 3, spec["size"], spec["size"], generator=generator).to(device)
-    return model, methods.default_target_layer(model), x, "random normalised images"
+    if bench.real:
+        loaded = bench.load(device=device)
+        dataset = ManifestDataset(sample_manifest(), loaded.preprocess, limit=count)
+        x = next(iter(iter_batches(dataset, count))).x.to(device)
+        source = f"{count} imagenet-val-sample image(s)"
+    else:
+        loaded = bench.load(device=device, input_size=spec["size"])
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(count, 3, spec["size"], spec["size"], generator=generator).to(device)
+        source = "random normalised images"
+    if spec["layout"] == "channels_last":
+        return ChannelsLast(loaded.model), f"model.{loaded.target_layer}", x, source
+    return loaded.model, loaded.target_layer, x, source
 
 
 def child(spec: dict[str, Any]) -> None:
@@ -163,9 +178,10 @@ def child(spec: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet18",
-                        help="a Coral model of iscam.models (real weights, sample images) or a torchvision "
-                             "classifier (random weights, random images); default resnet18")
+    parser.add_argument("--model", default=parse_model("resnet18"), type=model_argument,
+                        help="NAME or NAME:WEIGHTS of iscam.models: real weights run on sample images, "
+                             "a bare torchvision architecture with random weights on random images; "
+                             "default resnet18")
     parser.add_argument("--images", type=int, default=2, help="images timed with batched frames")
     parser.add_argument("--single-images", type=int, default=1,
                         help="images timed one frame at a time (0: skip that mode)")
@@ -176,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=list(LIBRARIES))
     parser.add_argument("--allocators", nargs="+", choices=ALLOCATORS, default=list(DEFAULT_ALLOCATORS),
                         help="allocator settings, each in its own child processes (default: both)")
+    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=["contiguous"],
+                        help="memory layouts, each in its own child processes (default: contiguous)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads; 1 by default because oversubscribed threads on a shared "
@@ -188,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         child(json.loads(args.child))
         return 0
 
-    base = {"model": args.model, "size": args.size, "step": args.step, "device": args.device,
+    base = {"model": args.model.spec, "size": args.size, "step": args.step, "device": args.device,
             "threads": args.threads, "count": max(args.images, args.single_images)}
     configurations = []  # (part, mode, library, batch size, images)
     if "curves" in args.parts:
@@ -206,16 +224,16 @@ def main(argv: list[str] | None = None) -> int:
         ]
     load_before = os.getloadavg()
     rows: list[dict[str, Any]] = []
-    results: dict[tuple[str, str], dict[str, Any]] = {}
+    results: dict[tuple[str, str, str], dict[str, Any]] = {}
     configurations = [entry for entry in configurations if entry[2] in args.libraries and entry[4] > 0]
     for part, mode, library, batch_size, images in configurations:
-        for allocator in args.allocators:
-            spec = {**base, "part": part, "library": library, "allocator": allocator,
+        for layout, allocator in [(one, other) for one in args.layouts for other in args.allocators]:
+            spec = {**base, "part": part, "library": library, "allocator": allocator, "layout": layout,
                     "batch_size": batch_size, "images": images}
             result = run_in_child(Path(__file__), spec)
-            results[mode, allocator] = result
+            results[mode, layout, allocator] = result
             cost = result["cost"]
-            row = {"part": part, "mode": mode, "library": library, "allocator": allocator,
+            row = {"part": part, "mode": mode, "library": library, "layout": layout, "allocator": allocator,
                    "allocator_settings": result["settings"], "images": images, "source": result["source"],
                    "forwards_per_image": result["forwards_per_image"],
                    **{f"{key}_per_image": cost[key] / images for key in ("wall_s", "user_s", "sys_s",
@@ -226,25 +244,31 @@ def main(argv: list[str] | None = None) -> int:
                 if key in result:
                     row[key] = result[key]
             rows.append(row)
-            print(f"{part:<10} {mode:<36} {allocator:<7} wall {row['wall_s_per_image']:7.2f}  user "
-                  f"{row['user_s_per_image']:7.2f}  sys {row['sys_s_per_image']:7.2f} s/img  "
+            print(f"{part:<10} {mode:<36} {layout:<13} {allocator:<7} wall {row['wall_s_per_image']:7.2f}  "
+                  f"user {row['user_s_per_image']:7.2f}  sys {row['sys_s_per_image']:7.2f} s/img  "
                   f"{row['minor_faults_per_image']:11.0f} faults/img", flush=True)
     load_after = os.getloadavg()
     for row in rows:
-        digests = {other["digest"] for other in rows if other["mode"] == row["mode"]}
+        digests = {other["digest"] for other in rows
+                   if (other["mode"], other["layout"]) == (row["mode"], row["layout"])}
         row["equal_across_allocators"] = len(digests) == 1 if len(args.allocators) > 1 else None
 
-    max_difference = None
+    max_difference = max_layout_difference = None
     modes = [mode for part, mode, library, _, _ in configurations if part == "curves" and library == "iscam"]
+    last = args.allocators[-1]
     if len(modes) == 2:  # batched and one frame at a time, on their common images
         common = min(args.images, args.single_images)
-        batched, single = (torch.tensor(results[mode, args.allocators[-1]]["curves"])[:common]
-                           for mode in modes)
-        max_difference = float((batched - single).abs().max())
+        curves = {(mode, layout): torch.tensor(results[mode, layout, last]["curves"])[:common]
+                  for mode in modes for layout in args.layouts}
+        max_difference = max(float((curves[modes[0], layout] - curves[modes[1], layout]).abs().max())
+                             for layout in args.layouts)
+    if modes and len(args.layouts) == 2:  # the same curves in both layouts, up to the kernels' rounding
+        contiguous, channels_last = (torch.tensor(results[modes[0], layout, last]["curves"])
+                                     for layout in LAYOUTS)
+        max_layout_difference = float((contiguous - channels_last).abs().max())
 
     sources = sorted({row["source"] for row in rows})
-    model = (f"{args.model} (real weights)" if args.model in models.CORAL_MODELS
-             else f"torchvision {args.model} (random weights), {args.size}x{args.size}")
+    model = args.model.label if args.model.real else f"{args.model.label}, {args.size}x{args.size}"
     result_json: dict[str, Any] = {
         "benchmark": f"insertion + deletion curves (step {args.step}) and the confidence pair",
         "model": model,
@@ -255,16 +279,18 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_1min": [load_before[0], load_after[0]],
         "rows": rows,
         "max_abs_difference_batched_vs_single": max_difference,
+        "max_abs_difference_contiguous_vs_channels_last": max_layout_difference,
     }
 
     def equal(value: bool | None) -> str:
         return "" if value is None else ("yes" if value else "**NO**")
 
     table = [
-        ("| part | mode | library | allocator | images | forwards/img | wall s/img | user s/img | sys s/img "
-         "| sys / user | minor faults/img | major faults | peak RSS MiB | equal across allocators |"),
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-        *[f"| {r['part']} | {r['mode']} | {r['library']} | {r['allocator']} | {r['images']} "
+        ("| part | mode | library | layout | allocator | images | forwards/img | wall s/img | user s/img "
+         "| sys s/img | sys / user | minor faults/img | major faults | peak RSS MiB "
+         "| equal across allocators |"),
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        *[f"| {r['part']} | {r['mode']} | {r['library']} | {r['layout']} | {r['allocator']} | {r['images']} "
           f"| {r['forwards_per_image']} | {r['wall_s_per_image']:.2f} | {r['user_s_per_image']:.2f} "
           f"| {r['sys_s_per_image']:.2f} "
           f"| {100 * r['sys_s_per_image'] / max(r['user_s_per_image'], 1e-9):.0f}% "
@@ -273,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
           for r in rows],
     ]
     values = "; ".join(
-        f"{r['mode']} ({r['allocator']}): "
+        f"{r['mode']} ({r['layout']}, {r['allocator']}): "
         + (f"deletion AUC {r['deletion_auc']:.4f}, insertion AUC {r['insertion_auc']:.4f}"
            if r["part"] == "curves" else
            f"Average Drop {100 * r['average_drop']:.2f} %, Increase in Confidence "
@@ -282,14 +308,17 @@ def main(argv: list[str] | None = None) -> int:
     settings = {r["allocator"]: r["allocator_settings"] for r in rows}
     summary = (
         f"{model} on {result_json['device']} ({', '.join(sources)}), torch {torch.__version__}. Every row "
-        "ran in a clean child process of its own; TorchCAM ran under the same allocator setting as iscam "
-        "(`default`: glibc's malloc as it starts, MALLOC_* variables removed; `tuned`: "
+        "ran in a clean child process of its own; TorchCAM ran under the same allocator setting and memory "
+        "layout as iscam (`channels_last`: the model and every frame converted to channels-last; "
+        "`default`: glibc's malloc as it starts, MALLOC_* variables removed; `tuned`: "
         f"iscam.allocator.tune_allocator(); mallopt settings {settings}). Seconds and faults are those of "
         "the timed block "
         "(getrusage of the child), peak RSS that of the child. Load average (1 min) "
         f"{load_before[0]:.1f} before, {load_after[0]:.1f} after the run."
         + (f" Largest curve difference batched vs one frame at a time: {max_difference:.1e}."
            if max_difference is not None else "")
+        + (f" Largest curve difference contiguous vs channels-last: {max_layout_difference:.1e}."
+           if max_layout_difference is not None else "")
         + f" Mean values ({args.allocators[-1]}): {values}."
     )
     print("\n".join(table))
