@@ -15,7 +15,8 @@ Steps (each can be skipped):
 2. *render*: every ``notebooks/NN-*.ipynb`` is executed by papermill into ``book/notebooks/`` with
    ``compute=False``: a chapter only reads the stores, and a missing row is an error naming the command that
    computes it. Only parameters a notebook declares in its ``parameters`` cell are passed to it; the
-   provenance appendix runs last, since it reads the other notebooks' render times.
+   provenance appendix runs last, since it reads the other notebooks' render times. Chapters render
+   ``$ISCAM_RENDER_JOBS`` at a time (default: the CPUs, at most 4).
 3. *mathjax*: MathJax 3 from npm's ``mathjax`` package is copied into ``book/_mathjax/_static/mathjax``,
    which Sphinx merges into the output's ``_static`` (the book must render offline: no CDN).
 4. *html*: ``jupyter-book build -W -n --keep-going`` (every Sphinx warning is an error), then every page
@@ -49,6 +50,7 @@ __all__ = [
     "install_mathjax",
     "main",
     "notebook_paths",
+    "render_jobs",
     "run_notebooks",
 ]
 
@@ -145,6 +147,19 @@ def compute_results(profiles: Sequence[str], parameters: Mapping[str, object] | 
     return seconds
 
 
+def render_jobs() -> int:
+    """How many notebooks render at once: ``$ISCAM_RENDER_JOBS``, else the CPUs this process may use (at most
+    4). A chapter spends most of its ~10 s starting a kernel and importing torch, so two at a time on two
+    cores halve the render."""
+    given = os.environ.get("ISCAM_RENDER_JOBS", "").strip()
+    if given:
+        if not given.isdigit() or int(given) < 1:
+            raise BuildError(f"ISCAM_RENDER_JOBS must be a positive integer, got {given!r}")
+        return int(given)
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, available))
+
+
 def run_notebooks(
     profile: str,
     parameters: Mapping[str, object] | None = None,
@@ -153,25 +168,33 @@ def run_notebooks(
     output_dir: Path = CHAPTERS,
     log_output: bool = False,
     kernel_name: str = "python3",
+    jobs: int | None = None,
 ) -> dict[str, float]:
     """Render each notebook with papermill into ``output_dir`` (its working directory, so each chapter's
-    downloads land beside its page); return seconds per notebook.
+    downloads land beside its page); return seconds per notebook, in build order.
 
     ``profile`` and every entry of ``parameters`` are passed to the notebooks that declare them; ``compute``
-    is False unless given (the results step ran before). A failing notebook stops the build; its partly
-    executed copy stays in ``output_dir`` for inspection.
+    is False unless given (the results step ran before). ``jobs`` notebooks render at once (default
+    :func:`render_jobs`; threads, each driving its own kernel: one process, so jupyter_client never hands
+    two kernels the same port); the provenance appendix (``LAST_NOTEBOOKS``) starts after the others, since
+    it reads their papermill metadata. A failing notebook fails the build once the others are done; its
+    partly executed copy stays in ``output_dir`` for inspection.
     """
     import papermill
+    from concurrent.futures import ThreadPoolExecutor
 
     parameters = {"compute": False, **dict(parameters or {})}
     parameters["profile"] = profile
     output_dir.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
     paths = list(notebooks) if notebooks is not None else notebook_paths()
     unknown = set(parameters) - set().union(*(declared_parameters(p) for p in paths))
     if unknown:
         raise BuildError(f"no notebook declares the parameter(s) {sorted(unknown)}")
-    for index, notebook in enumerate(paths, start=1):
+    jobs = render_jobs() if jobs is None else jobs
+    if jobs < 1:
+        raise BuildError(f"jobs must be >= 1, got {jobs}")
+
+    def render(index: int, notebook: Path) -> float:
         declared = declared_parameters(notebook)
         passed = {k: v for k, v in parameters.items() if k in declared}
         shown = " ".join(f"{k}={v!r}" for k, v in passed.items())
@@ -184,9 +207,11 @@ def run_notebooks(
                 str(target),
                 parameters=passed,
                 kernel_name=kernel_name,
-                cwd=str(output_dir),
                 progress_bar=False,
                 log_output=log_output,
+                # the kernel's working directory, given to nbclient: papermill's own ``cwd`` would chdir
+                # this whole process, which the other render threads share
+                resources={"metadata": {"path": str(output_dir)}},
             )
         except papermill.PapermillExecutionError as exc:
             raise BuildError(
@@ -194,7 +219,23 @@ def run_notebooks(
                 f"(the executed copy with the traceback is {target})"
             ) from exc
         _fold_injected_parameters(target)
-        seconds[notebook.name] = time.perf_counter() - start
+        return time.perf_counter() - start
+
+    numbered = list(enumerate(paths, start=1))
+    waves = [[(i, p) for i, p in numbered if p.name not in LAST_NOTEBOOKS],
+             [(i, p) for i, p in numbered if p.name in LAST_NOTEBOOKS]]
+    seconds: dict[str, float] = {}
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="render") as pool:
+        for wave in waves:
+            futures = [(p, pool.submit(render, i, p)) for i, p in wave]
+            failures = []
+            for notebook, future in futures:  # every notebook of the wave finishes before a failure is raised
+                try:
+                    seconds[notebook.name] = future.result()
+                except BuildError as error:
+                    failures.append(error)
+            if failures:
+                raise failures[0]
     return seconds
 
 
@@ -348,9 +389,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.skip_render:
             return 0
         paths = notebook_paths(only=args.only)
+        rendering = time.perf_counter()
         seconds = run_notebooks(args.profile, parameters, notebooks=paths, log_output=args.log_output,
                                 output_dir=args.chapters)
-        print(f"[book] rendered {len(seconds)} notebooks in {sum(seconds.values()) / 60:.1f} min", file=sys.stderr)
+        print(f"[book] rendered {len(seconds)} notebooks in {(time.perf_counter() - rendering) / 60:.1f} min "
+              f"({sum(seconds.values()) / 60:.1f} min of notebook time)", file=sys.stderr)
         if not args.skip_html:
             install_mathjax()
             html = build_html()

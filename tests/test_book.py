@@ -431,6 +431,55 @@ def test_declared_parameters_reads_the_tagged_cell(tmp_path):
         build.declared_parameters(path)
 
 
+def _tiny_notebook(path: Path, body: str) -> Path:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    parameters = nbformat.v4.new_code_cell("profile = 'x'\ncompute = False")
+    parameters.metadata["tags"] = ["parameters"]
+    nb.cells = [parameters, nbformat.v4.new_code_cell(body)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+def test_chapters_render_in_parallel_and_the_appendix_after_all_of_them(tmp_path, monkeypatch):
+    """Two chapters render at once (each waits until the other has started: it would hang if they ran one
+    after the other, so a 60 s wait fails the test instead); the appendix starts once both are done."""
+    source, out, elsewhere = tmp_path / "src", tmp_path / "out", tmp_path / "elsewhere"
+    source.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # every kernel runs in `out`, and this process never leaves its directory
+    wait = ("import pathlib, time\n"
+            f"assert pathlib.Path.cwd() == pathlib.Path({str(out.resolve())!r}), pathlib.Path.cwd()\n"
+            "pathlib.Path('started-{me}').touch()\n"
+            "deadline = time.monotonic() + 60\n"
+            "while not pathlib.Path('started-{other}').exists():\n"
+            "    assert time.monotonic() < deadline, 'the other chapter never started'\n"
+            "    time.sleep(0.05)\n"
+            "pathlib.Path('done-{me}').touch()\n")
+    paths = [_tiny_notebook(source / "01-a.ipynb", wait.format(me="a", other="b")),
+             _tiny_notebook(source / "02-b.ipynb", wait.format(me="b", other="a")),
+             _tiny_notebook(source / "10-provenance.ipynb",
+                            "import pathlib\nassert pathlib.Path('done-a').exists() and pathlib.Path('done-b').exists()")]
+    seconds = build.run_notebooks("x", notebooks=paths, output_dir=out, jobs=2)
+    assert list(seconds) == ["01-a.ipynb", "02-b.ipynb", "10-provenance.ipynb"]
+    assert all((out / p.name).is_file() for p in paths)
+    # a failing chapter fails the build, naming it, once the others have finished
+    broken = _tiny_notebook(source / "03-broken.ipynb", "raise ValueError('chapter three is broken')")
+    fine = _tiny_notebook(source / "04-fine.ipynb", "import pathlib\npathlib.Path('done-fine').touch()")
+    with pytest.raises(build.BuildError, match=r"03-broken.ipynb failed in cell .*chapter three is broken"):
+        build.run_notebooks("x", notebooks=[broken, fine], output_dir=out, jobs=2)
+    assert (out / "done-fine").is_file()
+    assert Path.cwd() == elsewhere and not list(elsewhere.iterdir())
+    monkeypatch.setenv("ISCAM_RENDER_JOBS", "3")
+    assert build.render_jobs() == 3
+    for bad in ("0", "two"):
+        monkeypatch.setenv("ISCAM_RENDER_JOBS", bad)
+        with pytest.raises(build.BuildError, match="ISCAM_RENDER_JOBS must be a positive integer"):
+            build.render_jobs()
+
+
 def test_every_committed_notebook_has_parameters_and_no_outputs():
     notebooks = build.notebook_paths()
     assert [p.name for p in notebooks][-1] == "10-provenance.ipynb"
