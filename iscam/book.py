@@ -430,27 +430,40 @@ def n_sweep(run: ProfileRun, *, variant: str = "n_sweep") -> tuple[pd.DataFrame,
     return long, similarity, reference
 
 
-def claims_table(runs: Sequence[ProfileRun], *, n_boot: int = 10000) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+def sweep_inputs(run: ProfileRun) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """What the N claims read from a store: its N-sweep rows and the per-image map similarity with the
+    profile's own N; ``(None, None)`` when the config has no sweep or the store lacks some of it (the N
+    claims then say "not evaluated")."""
+    if not any(s.study.variant == "n_sweep" for s in run.studies):
+        return None, None
+    try:
+        _, similarity, _ = n_sweep(run)
+        sets = run.variant_sets("n_sweep")
+    except (BookError, tables.TableError):
+        return None, None
+    return pd.concat([chosen.frame for chosen in sets.values()], ignore_index=True), similarity
+
+
+def claims_table(runs: Sequence[ProfileRun], *, n_boot: int = 10000, seed: int = 0,
+                 margin: float | None = None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """:func:`iscam.claims.evaluate` on every store's base rows, with its N sweep (metrics and per-image map
-    similarity) when the store has one. Returns the claims table and the similarity frame."""
+    similarity, :func:`sweep_inputs`) and the sanity checks' flags. Returns the claims table and the
+    similarity frame."""
     from . import claims
 
     frames, sweeps, similarities = [], [], []
     for run in runs:
         frames.append(run.frame())
-        if any(s.study.variant == "n_sweep" for s in run.studies):
-            try:
-                _, similarity, _ = n_sweep(run)
-            except (BookError, tables.TableError):
-                continue  # an incomplete sweep: the N claims say "not evaluated"
-            sweeps.append(pd.concat([chosen.frame for chosen in run.variant_sets("n_sweep").values()]))
+        sweep, similarity = sweep_inputs(run)
+        if sweep is not None:
+            sweeps.append(sweep)
             similarities.append(similarity)
     frame = pd.concat(frames, ignore_index=True)
     sweep = pd.concat(sweeps, ignore_index=True) if sweeps else None
     similarity = pd.concat(similarities, ignore_index=True) if similarities else None
     flags = sanity_flags(runs)
     return claims.evaluate(frame, sweep=sweep, similarity=similarity, flags=flags or None,
-                           n_boot=n_boot), similarity
+                           n_boot=n_boot, seed=seed, margin=margin), similarity
 
 
 def sanity_flags(runs: Sequence[ProfileRun]) -> set[str]:

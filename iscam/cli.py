@@ -282,9 +282,13 @@ def _print_header(args: argparse.Namespace, read: _Read, note: str) -> None:
           f"precision: {config.precision}  metrics: {config.metrics.key}")
     for line in _other_setups(args, read):
         print(line)
-    if (read.record or {}).get("status") == "running":
+    status = (read.record or {}).get("status")
+    if status == "running":
         print(f"NOTE: a run on this store is in progress or was killed (run.json says 'running', pid "
               f"{read.record.get('pid')})")
+    elif status in ("failed", "interrupted"):
+        print(f"NOTE: the latest run on this store {status} ({read.record.get('error', 'no reason recorded')}); "
+              "its finished rows are kept, rerun its command to complete it")
     if not chosen.complete:
         print(chosen.notice())
 
@@ -308,10 +312,20 @@ def _command_table(args: argparse.Namespace) -> int:
 
 def _command_claims(args: argparse.Namespace) -> int:
     from . import claims
+    from .book import ProfileRun, sanity_flags, sweep_inputs
+    from .runner import planned_studies
+    from .store import ResultsStore
 
     read = _read_selection(args)
     _print_header(args, read, f"paired 95% bootstrap intervals ({args.n_boot} resamples)")
-    judged = claims.evaluate(read.chosen.frame, sweep=read.frame, n_boot=args.n_boot, seed=args.seed,
+    # the same inputs as the book's claims chapter: map similarity of the N sweep, the sanity checks' flags
+    store = ResultsStore(args.results)
+    run = ProfileRun(read.config.name, read.config, store,
+                     planned_studies(read.config, store, data_root=args.data_root), False,
+                     _run_command(args, read.record).removesuffix(" --only base"))
+    _, similarity = sweep_inputs(run)
+    judged = claims.evaluate(read.chosen.frame, sweep=read.frame, similarity=similarity,
+                             flags=sanity_flags([run]) or None, n_boot=args.n_boot, seed=args.seed,
                              margin=args.margin)
     print()
     print(claims.format_claims(judged))

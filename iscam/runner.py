@@ -44,7 +44,7 @@ import math
 import os
 import shlex
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1157,92 +1157,113 @@ def _run_locked(config: ExperimentConfig, studies: list[PlannedStudy], store: Re
     store._repair_hint = lambda path: (f"move it away (mv '{path}' '{path}.corrupt') and recompute its rows "
                                        f"with: {command}")
 
-    written = 0
-    costs: dict[str, Cost] = {}
-    bad_files: set[str] = set()
-    table_counts = {name: {"rows": 0, "seconds": 0.0} for name in tables}
-    if missing or needs_figures or road_units or sanity_units:
-        loaded = _load_model(config, root, device)
-        model = loaded.model
-        dataset.preprocess = loaded.preprocess  # the planning used the architecture's default preprocessing
-        from .layers import resolve_layer
+    with _failure_recorded(store, record, rank=dist.rank):
+        written = 0
+        costs: dict[str, Cost] = {}
+        bad_files: set[str] = set()
+        table_counts = {name: {"rows": 0, "seconds": 0.0} for name in tables}
+        if missing or needs_figures or road_units or sanity_units:
+            loaded = _load_model(config, root, device)
+            model = loaded.model
+            dataset.preprocess = loaded.preprocess  # the planning used the architecture's default preprocessing
+            from .layers import resolve_layer
 
-        resolve_layer(model, layer)  # a wrong target layer fails here, before any image is computed
-        size = dataset.preprocess.size  # the layers' forward order does not depend on the pixels
-        probe = torch.zeros(1, 3, size, size, device=device)
-        stages = _sanity_stages(config, model, probe) if sanity_units else {}
-        runner = _BatchRunner(config, model, device)
-        runner.has_boxes = dataset.has_boxes
-        runner.listed_boxes = [len(b) > 0 for b in dataset.boxes] if dataset.has_boxes else ()
-        for planned, spec, fixed, stamp, todo in work:
-            mine = todo[dist.rank::dist.world]
-            count = sum(len(c) for c in mine)
-            if not count:
-                continue
-            sconfig = planned.study.config
-            runner.config = sconfig
-            label = spec.label()
-            cost = costs.setdefault(label, Cost())
-            desc = f"{config.model.name} {label}" + (f" [{planned.study.title}]" if planned.study.variant else "")
-            bar = tqdm(total=count, desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
-                       position=dist.rank if dist.active else None, leave=True)
-            try:
-                with MethodRunner(spec, model, layer, sconfig, sconfig.forward_batch_size) as method:
-                    for chunk in mine:
-                        produced: set[str] = set()
-                        for batch in data_module.iter_batches(dataset, len(chunk), indices=chunk):
-                            rows = _process_batch(runner, method, batch, {**fixed, **stamp}, dist.rank)
-                            store.write_part(rows)
-                            for row in rows:
-                                cost.add(row)
-                            produced.update(row["file"] for row in rows)
-                            written += len(rows)
-                        bad_files.update(dataset.files[i] for i in chunk if dataset.files[i] not in produced)
-                        bar.update(len(chunk))
-            finally:
-                bar.close()
-        if needs_figures:
-            for planned, images, key in artifacts:
-                _figure_artifacts(config, planned, dataset, model, layer, device, store, images, key)
-        if road_units or sanity_units:  # the same on every rank: planned from the same keys
-            runner.config = config
-            _barrier(dist)  # ROAD reads the maps every rank has written
-            _fill_tables(config, store, dataset, runner, layer, stages, road_units, sanity_units, dist,
-                         table_counts, tqdm=tqdm, progress=progress, data_module=data_module)
-    else:
-        log.info("%s: every row is already in the store", config.name)
-    planned_files = {f for p in studies for f in p.files}
-    if planned_files and bad_files >= planned_files:
-        raise ConfigError(f"no image of {manifest} could be read (from {getattr(dataset, 'image_dir', '?')}); "
-                          "see the warnings above")
+            resolve_layer(model, layer)  # a wrong target layer fails here, before any image is computed
+            size = dataset.preprocess.size  # the layers' forward order does not depend on the pixels
+            probe = torch.zeros(1, 3, size, size, device=device)
+            stages = _sanity_stages(config, model, probe) if sanity_units else {}
+            runner = _BatchRunner(config, model, device)
+            runner.has_boxes = dataset.has_boxes
+            runner.listed_boxes = [len(b) > 0 for b in dataset.boxes] if dataset.has_boxes else ()
+            for planned, spec, fixed, stamp, todo in work:
+                mine = todo[dist.rank::dist.world]
+                count = sum(len(c) for c in mine)
+                if not count:
+                    continue
+                sconfig = planned.study.config
+                runner.config = sconfig
+                label = spec.label()
+                cost = costs.setdefault(label, Cost())
+                desc = f"{config.model.name} {label}" + (f" [{planned.study.title}]" if planned.study.variant else "")
+                bar = tqdm(total=count, desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
+                           position=dist.rank if dist.active else None, leave=True)
+                try:
+                    with MethodRunner(spec, model, layer, sconfig, sconfig.forward_batch_size) as method:
+                        for chunk in mine:
+                            produced: set[str] = set()
+                            for batch in data_module.iter_batches(dataset, len(chunk), indices=chunk):
+                                rows = _process_batch(runner, method, batch, {**fixed, **stamp}, dist.rank)
+                                store.write_part(rows)
+                                for row in rows:
+                                    cost.add(row)
+                                produced.update(row["file"] for row in rows)
+                                written += len(rows)
+                            bad_files.update(dataset.files[i] for i in chunk if dataset.files[i] not in produced)
+                            bar.update(len(chunk))
+                finally:
+                    bar.close()
+            if needs_figures:
+                for planned, images, key in artifacts:
+                    _figure_artifacts(config, planned, dataset, model, layer, device, store, images, key)
+            if road_units or sanity_units:  # the same on every rank: planned from the same keys
+                runner.config = config
+                _barrier(dist)  # ROAD reads the maps every rank has written
+                _fill_tables(config, store, dataset, runner, layer, stages, road_units, sanity_units, dist,
+                             table_counts, tqdm=tqdm, progress=progress, data_module=data_module)
+        else:
+            log.info("%s: every row is already in the store", config.name)
+        planned_files = {f for p in studies for f in p.files}
+        if planned_files and bad_files >= planned_files:
+            raise ConfigError(f"no image of {manifest} could be read (from {getattr(dataset, 'image_dir', '?')}); "
+                              "see the warnings above")
 
-    gathered = _gather(dist, {"cost": {k: v.__dict__ for k, v in costs.items()}, "written": written,
-                              "bad": sorted(bad_files), "tables": table_counts})
-    total_costs: dict[str, Cost] = {}
-    for part in gathered:
-        for label, values in part["cost"].items():
-            total_costs.setdefault(label, Cost()).merge(Cost(**values))
-    table_summary = {name: {measure: sum(part["tables"][name][measure] for part in gathered)
-                            for measure in ("rows", "seconds")} for name in tables}
-    cost = {label: value.per_image() for label, value in total_costs.items()}
-    final = None
-    if dist.rank == 0:
-        unreadable = sorted({f for part in gathered for f in part["bad"]})
-        final = {**record, **provenance.run_record(
-            config.to_dict(), metrics_key=config.metrics.key, started=started, finished=provenance.now(),
-            device=device, world_size=dist.world, root=root, manifest=manifest,
-            num_images=len(studies[0].files) if studies else 0,
-            per_image={label: c["seconds"] for label, c in cost.items()},
-            images={label: int(c["images"]) for label, c in cost.items()},
-            written=sum(p["written"] for p in gathered)),
-            "status": "complete", "cost": cost, "unreadable": unreadable, "allocator": dict(allocator or {}),
-            "stale_recomputed": sum(stale_total.values()), "tables": table_summary}
-        store.write_provenance(final)
+        gathered = _gather(dist, {"cost": {k: v.__dict__ for k, v in costs.items()}, "written": written,
+                                  "bad": sorted(bad_files), "tables": table_counts})
+        total_costs: dict[str, Cost] = {}
+        for part in gathered:
+            for label, values in part["cost"].items():
+                total_costs.setdefault(label, Cost()).merge(Cost(**values))
+        table_summary = {name: {measure: sum(part["tables"][name][measure] for part in gathered)
+                                for measure in ("rows", "seconds")} for name in tables}
+        cost = {label: value.per_image() for label, value in total_costs.items()}
+        final = None
+        if dist.rank == 0:
+            unreadable = sorted({f for part in gathered for f in part["bad"]})
+            final = {**record, **provenance.run_record(
+                config.to_dict(), metrics_key=config.metrics.key, started=started, finished=provenance.now(),
+                device=device, world_size=dist.world, root=root, manifest=manifest,
+                num_images=len(studies[0].files) if studies else 0,
+                per_image={label: c["seconds"] for label, c in cost.items()},
+                images={label: int(c["images"]) for label, c in cost.items()},
+                written=sum(p["written"] for p in gathered)),
+                "status": "complete", "cost": cost, "unreadable": unreadable, "allocator": dict(allocator or {}),
+                "stale_recomputed": sum(stale_total.values()), "tables": table_summary}
+            store.write_provenance(final)
     return RunSummary(out=store.folder, rows_written=written,
                       rows_skipped=len(wanted) - missing,
                       images_skipped=sorted(bad_files), cost=cost, provenance=final,
                       stale_recomputed=sum(stale_total.values()),
                       skipped_manifest_rows=len(getattr(dataset, "skipped_rows", [])), tables=table_summary)
+
+
+@contextlib.contextmanager
+def _failure_recorded(store: ResultsStore, record: dict[str, Any], *, rank: int) -> Iterator[None]:
+    """On an exception, ``run.json`` says the run ``failed`` (or was ``interrupted``) and why, instead of
+    ``running`` forever; the rows already written stay (a rerun computes only the rest). A SIGKILL leaves
+    ``running``, which readers report as "in progress or killed"."""
+    try:
+        yield
+    except BaseException as error:
+        if rank == 0:
+            status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+            reason = (str(error).splitlines() or [""])[0][:500]
+            try:
+                store.write_provenance({**record, "status": status, "finished": provenance.now(),
+                                        "error": f"{type(error).__name__}: {reason}".rstrip(": ")},
+                                       history=False)
+            except OSError:
+                pass  # the original error matters more than the record of it
+        raise
 
 
 def _load_model(config: ExperimentConfig, root: Path | None, device: torch.device) -> Any:

@@ -295,6 +295,7 @@ def test_sigint_then_sigkill_at_random_points_then_resume_equals_uninterrupted(r
         if sig == signal.SIGINT:
             assert process.returncode == 130, stderr[-2000:]
             assert "resume with: iscam run smoke" in stderr
+            assert ResultsStore(out).provenance()["status"] == "interrupted"
         else:
             assert process.returncode == -signal.SIGKILL
         ResultsStore(out).read()  # never corrupt, whatever was in flight

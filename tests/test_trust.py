@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import json
 import os
 import re
 import shlex
@@ -177,6 +178,21 @@ def test_a_deleted_part_prints_the_paired_incomplete_notice_whose_command_comple
     assert status == 0 and "smoke: 2 rows computed, 6 already present" in out
     status, out, _ = run_cli(capsys, "table", store, "--n-boot", "50")
     assert status == 0 and "INCOMPLETE" not in out and set().union(*table_counts(out).values()) == {4}
+
+
+def test_a_table_says_when_the_latest_run_failed_or_may_still_be_running(
+    scored: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    store = copy_of(scored, tmp_path)
+    record = json.loads((store / "run.json").read_text())
+    for status, expected in (("failed", "NOTE: the latest run on this store failed (ConfigError: boom)"),
+                             ("running", "NOTE: a run on this store is in progress or was killed")):
+        (store / "run.json").write_text(json.dumps({**record, "status": status, "error": "ConfigError: boom"}))
+        code, out, _ = run_cli(capsys, "table", store, "--n-boot", "50")
+        assert code == 0 and expected in out
+    (store / "run.json").write_text(json.dumps(record))
+    code, out, _ = run_cli(capsys, "table", store, "--n-boot", "50")
+    assert code == 0 and "NOTE:" not in out
 
 
 def test_a_table_of_rows_the_store_lacks_is_an_error_naming_them_and_the_command(
@@ -505,6 +521,10 @@ def test_a_run_that_reads_no_image_exits_2(
     assert status == 2 and "Traceback" not in err
     assert f"no image of {manifest} could be read (from {garbage})" in err
     assert not parts(tmp_path / "G")
+    # run.json says the run failed and why, not "running" forever
+    record = json.loads((tmp_path / "G" / "run.json").read_text())
+    assert record["status"] == "failed" and record["finished"]
+    assert record["error"].startswith("ConfigError: no image of") and str(garbage) in record["error"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1011,7 +1031,15 @@ def test_claims_judges_the_base_rows_paired_with_the_store_as_the_n_sweep(
     # the whole store is the N sweep: the N claim is judged (N = 1 and 3 against the run's N = 2), not skipped
     sweep_line = _claim_line(out, "n-changes-metrics")
     assert "not evaluated" not in sweep_line and re.search(r"N=[13] vs N=2", sweep_line)
-    assert "not evaluated: no map similarities" in _claim_line(out, "n-barely-changes-maps")
+    # the maps of the sweep are in the store: "N barely changes the maps" is judged as the book judges it
+    from iscam.book import _recorded, claims_table
+    from iscam.claims import format_claims
+
+    maps_line = _claim_line(out, "n-barely-changes-maps")
+    assert "not evaluated" not in maps_line and "images" in maps_line
+    book_table, similarity = claims_table([_recorded("smoke", swept, published=False)], n_boot=200)
+    assert similarity is not None and set(similarity["N"]) == {1, 2, 3} and similarity["file"].nunique() == 2
+    assert _claim_line(format_claims(book_table), "n-barely-changes-maps") == maps_line
     assert "not evaluated: no sscam rows" in _claim_line(out, "win-vs-sscam")
     # --margin reaches the equivalence claims: the images needed to resolve "close to" follow the margin
     status, wider, _ = run_cli(capsys, "claims", swept, "--n-boot", "200", "--margin", "25")
