@@ -34,7 +34,7 @@ def assets() -> Path:
     root = Path(os.environ.get("ISCAM_DATA", DEFAULT_ASSETS))
     if not (root / "models").is_dir():
         pytest.fail(f"shared assets not found at {root}: set ISCAM_DATA to the folder holding models/")
-    return root
+    return root.resolve()  # the package resolves links (../shared may be one), so messages name the target
 
 
 class TinyCNN(nn.Module):
