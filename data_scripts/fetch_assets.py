@@ -5,14 +5,13 @@ The data root (``--data-root`` or ``$ISCAM_DATA``) must end up holding::
 
     models/mobilenet_v2_1.0_224_quant.tflite      Coral test model, Apache-2.0
     models/mobilenet_v1_0.25_128_quant.tflite     Coral test model, Apache-2.0
-    models/imagenet_labels.txt                    (ships in the package)
     models/compressed_SqueezeNet_v1.0.net, models/SqueezeNet_v1.0_deploy.prototxt   Deep Compression, BSD
     models/squeezenet_v1.1.ncnn.{param,bin}       torchvision weights exported to ncnn
     imagenet-val-sample/manifest.csv + 300 ILSVRC2012_val_*.JPEG
     imagenet-val-scorecam9/manifest.csv + 9 ILSVRC2012_val_*.JPEG
 
 as listed, with hashes, sizes and sources, in the package's ``iscam/resources/assets.csv`` (or ``--hashes``).
-Missing manifests and labels are copied from the package; other missing files are copied (or symlinked,
+Missing manifests are copied from the package; other missing files are copied (or symlinked,
 ``--link``) from ``--source``, a folder with the same layout (e.g. the project's ``../shared/assets``). With
 ``--download`` the files still missing are fetched, each verified by SHA-256: from ``--url-base`` (or
 ``$ISCAM_DOWNLOAD_BASE``), a mirror holding the files under their names in one flat folder, else from each

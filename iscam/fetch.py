@@ -1,12 +1,12 @@
 """Fill a data root with the models and sample images the project reads, each verified by its SHA-256.
 
 The registry ``iscam/resources/assets.csv`` (``path,sha256,bytes,url``) lists every file a data root holds:
-the two Coral MobileNets, the four SqueezeNet files, the ImageNet labels, and the 300 + 9 sample images with
+the two Coral MobileNets, the four SqueezeNet files, and the 300 + 9 sample images with
 their manifests. ``url`` says where a missing file comes from:
 
 - a URL: the file's public source (the Coral and SqueezeNet repositories, at pinned commits where known);
-- ``package``: the file ships inside this package under ``iscam/resources/data/<path>`` (the labels and the
-  two manifests: labels and boxes from MIT-licensed metadata, small text files);
+- ``package``: the file ships inside this package under ``iscam/resources/data/<path>`` (the two
+  manifests: labels and boxes from MIT-licensed metadata, small text files);
 - ``mirror``: the file exists nowhere public in this form (the sample JPEGs are ILSVRC2012 validation
   images stored stretched to 227x227 / 224x224); it is fetched from the companion's mirror,
   :data:`COMPANION_MIRROR`.

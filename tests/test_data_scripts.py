@@ -239,7 +239,7 @@ def test_fetch_assets_copies_verifies_and_downloads(tmp_path: Path) -> None:
 def test_fetch_assets_verifies_the_shared_assets(assets: Path) -> None:
     result = run("fetch_assets.py", "--data-root", assets)
     assert result.returncode == 0, result.stderr
-    assert "318 files listed" in result.stdout and "318 verified" in result.stdout
+    assert "317 files listed" in result.stdout and "317 verified" in result.stdout
 
 
 def test_fetch_assets_make_mirror_and_download_from_it(assets: Path, tmp_path: Path) -> None:
@@ -247,11 +247,11 @@ def test_fetch_assets_make_mirror_and_download_from_it(assets: Path, tmp_path: P
     mirror = tmp_path / "mirror"
     result = run("fetch_assets.py", "--data-root", assets, "--make-mirror", mirror)
     assert result.returncode == 0, result.stderr
-    assert "315 files" in result.stdout and len(list(mirror.iterdir())) == 315  # 318 less 3 packaged files
+    assert "315 files" in result.stdout and len(list(mirror.iterdir())) == 315  # 317 less the 2 packaged manifests
     root = tmp_path / "root"
     result = run("fetch_assets.py", "--data-root", root, "--download", "--url-base", mirror.as_uri())
     assert result.returncode == 0, result.stderr
-    assert "3 copied/linked, 315 downloaded, 318 verified, 0 missing" in result.stdout
+    assert "2 copied/linked, 315 downloaded, 317 verified, 0 missing" in result.stdout
     assert result.stdout.count("downloading file://") == 315
     assert run("fetch_assets.py", "--data-root", root).stdout.count("downloading") == 0  # all present
 

@@ -28,13 +28,12 @@ def _by_path() -> dict[str, fetch.Asset]:
 def test_registry_lists_the_data_root() -> None:
     assets = fetch.registry()
     groups = [a.group for a in assets]
-    assert len(assets) == 318
-    assert (groups.count("models"), groups.count("sample"), groups.count("scorecam9")) == (7, 301, 10)
+    assert len(assets) == 317
+    assert (groups.count("models"), groups.count("sample"), groups.count("scorecam9")) == (6, 301, 10)
     by_url = {kind: sorted(a.path for a in assets if a.url == kind) for kind in (fetch.PACKAGE, fetch.MIRROR)}
     assert by_url[fetch.PACKAGE] == [
         "imagenet-val-sample/manifest.csv",
         "imagenet-val-scorecam9/manifest.csv",
-        "models/imagenet_labels.txt",
     ]
     assert len(by_url[fetch.MIRROR]) == 309 and all(p.endswith(".JPEG") for p in by_url[fetch.MIRROR])
     public = [a for a in assets if a.url not in (fetch.PACKAGE, fetch.MIRROR)]
@@ -85,9 +84,8 @@ def test_fetch_from_a_mirror_on_localhost(
     assert found == sorted(a.path for a in expected)
     for asset in expected:
         assert fetch.sha256(root / asset.path) == asset.sha256, asset.path
-    assert (root / "models" / "imagenet_labels.txt").read_bytes() == (
-        assets / "models" / "imagenet_labels.txt"
-    ).read_bytes()
+    # the Coral class-name list is read by no code here: it is neither shipped nor fetched
+    assert not (root / "models" / "imagenet_labels.txt").exists()
 
     stamps = {a.path: (root / a.path).stat().st_mtime_ns for a in expected}
     mirror.requests.clear()
@@ -126,20 +124,20 @@ def test_a_corrupted_mirrored_file_is_refused(
 
 def test_wrong_local_files_are_never_overwritten(tmp_path: Path, mirror: Mirror) -> None:
     root = tmp_path / "root"
-    labels = root / "models" / "imagenet_labels.txt"
-    labels.parent.mkdir(parents=True)
-    labels.write_text("background\n")
+    own = root / "models" / "SqueezeNet_v1.0_deploy.prototxt"
+    own.parent.mkdir(parents=True)
+    own.write_text("background\n")
     report = fetch.sync(root, fetch.select(fetch.registry(), "models"), download=False)
-    assert [e.path for e in report.wrong] == ["models/imagenet_labels.txt"]
+    assert [e.path for e in report.wrong] == ["models/SqueezeNet_v1.0_deploy.prototxt"]
     assert report.wrong[0].actual == hashlib.sha256(b"background\n").hexdigest()
-    assert labels.read_text() == "background\n"  # kept: it may be the user's own file
+    assert own.read_text() == "background\n"  # kept: it may be the user's own file
     assert sorted(report.missing) == sorted(
-        a.path for a in fetch.select(fetch.registry(), "models") if a.url != fetch.PACKAGE
+        a.path for a in fetch.select(fetch.registry(), "models") if a.path != str(own.relative_to(root))
     )
-    with pytest.raises(fetch.FetchError, match="7 of 7 files not usable") as caught:
+    with pytest.raises(fetch.FetchError, match="6 of 6 files not usable") as caught:
         fetch.ensure_assets(root, what="models", base=mirror.url)  # the empty mirror has none of them
-    assert "models/imagenet_labels.txt: SHA-256" in str(caught.value)
-    assert "404" in str(caught.value) and labels.read_text() == "background\n"
+    assert "models/SqueezeNet_v1.0_deploy.prototxt: SHA-256" in str(caught.value)
+    assert "404" in str(caught.value) and own.read_text() == "background\n"
 
 
 def test_bad_arguments_fail_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
