@@ -6,6 +6,8 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -27,6 +29,25 @@ if not os.environ.get("ISCAM_DATA") and DEFAULT_ASSETS.is_dir():
     os.environ["ISCAM_DATA"] = str(DEFAULT_ASSETS)
 # Converted models are cached per test session, never in the user's home.
 os.environ.setdefault("ISCAM_CACHE", str(REPO / ".cache"))
+
+
+@pytest.fixture(scope="session")
+def wheel_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Python of a fresh virtual environment holding only this checkout's wheel (built here, installed
+    without dependencies: a test puts this environment's site-packages on PYTHONPATH for those)."""
+    work = tmp_path_factory.mktemp("wheel")
+    wheels = work / "wheels"
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(wheels), str(REPO)], capture_output=True, text=True, check=False)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = wheels.glob("iscam-*.whl")
+    venv = work / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    installed = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "-q", str(wheel)],
+                               capture_output=True, text=True, check=False)
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    return python
 
 
 @pytest.fixture(scope="session")

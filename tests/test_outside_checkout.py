@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
@@ -21,16 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_one_chapter_runs_in_a_fresh_directory_from_the_wheel_and_a_mirror(
-        mirror: Mirror, tmp_path: Path, assets: Path) -> None:
-    wheels = tmp_path / "wheels"
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(wheels), str(REPO)], capture_output=True, text=True, check=False)
-    assert built.returncode == 0, built.stderr[-2000:]
-    (wheel,) = wheels.glob("iscam-*.whl")
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True)
+        mirror: Mirror, tmp_path: Path, assets: Path, wheel_python: Path) -> None:
+    python = wheel_python
+    venv = python.parents[1]
 
     # the mirror: the models and the sample images, flat, as a maintainer publishes them
     fetch.build_mirror(assets, mirror.folder, what=("models", "sample"), link=True)

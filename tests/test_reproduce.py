@@ -128,18 +128,10 @@ def test_gpu_job_packs_at_most_8_files_that_render_elsewhere(tmp_path: Path,
     assert int(glue_values(tmp_path / "rendered" / "04-confidence.ipynb")["t2_images"]) == record["images"]["smoke"]
 
 
-def test_the_wheel_installs_and_runs_from_another_directory(tmp_path: Path, assets: Path) -> None:
-    wheels = tmp_path / "wheels"
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(wheels), str(REPO)], capture_output=True, text=True, check=False)
-    assert built.returncode == 0, built.stderr[-2000:]
-    (wheel,) = wheels.glob("iscam-*.whl")
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    installed = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "-q", str(wheel)],
-                               capture_output=True, text=True, check=False)
-    assert installed.returncode == 0, installed.stderr[-2000:]
+def test_the_wheel_installs_and_runs_from_another_directory(tmp_path: Path, assets: Path,
+                                                           wheel_python: Path) -> None:
+    python = wheel_python
+    venv = python.parents[1]
     # the dependencies come from this environment's site-packages (on PYTHONPATH, so no .pth file -- and no
     # editable install of the checkout -- is read); the package itself is the wheel's copy
     env = {**os.environ, "PYTHONPATH": sysconfig.get_paths()["purelib"], "ISCAM_DATA": str(assets),
