@@ -58,6 +58,30 @@ def assets() -> Path:
     return root.resolve()  # the package resolves links (../shared may be one), so messages name the target
 
 
+#: The six methods and the random baseline with their cheapest settings (tests of behaviour, not of values).
+FAST_KWARGS: dict[str, dict[str, object]] = {
+    "gradcam": {},
+    "gradcampp": {},
+    "smoothgradcampp": {"n_samples": 2},
+    "scorecam": {},
+    "sscam": {"N": 2},
+    "iscam": {"N": 2},
+    "random": {},
+}
+
+
+class OnePixelModel(nn.Module):
+    """Two classes; logit 0 = gain * x[channel 0, row, col], logit 1 = 0: p_0 = sigmoid(gain * pixel)."""
+
+    def __init__(self, row: int, col: int, gain: float = 3.0) -> None:
+        super().__init__()
+        self.row, self.col, self.gain = row, col, gain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logit = self.gain * x[:, 0, self.row, self.col]
+        return torch.stack([logit, torch.zeros_like(logit)], dim=1)
+
+
 class TinyCNN(nn.Module):
     """Two conv blocks, GAP and a linear head: small enough for exhaustive float64 reference loops."""
 

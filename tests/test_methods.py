@@ -7,22 +7,11 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from conftest import DeadCNN
+from conftest import FAST_KWARGS, DeadCNN
 
 from iscam import methods
 from iscam.layers import LayerNotFoundError
 from iscam.methods.base import default_target_layer, minmax_normalize
-
-FAST_KWARGS: dict[str, dict[str, object]] = {
-    "gradcam": {},
-    "gradcampp": {},
-    "smoothgradcampp": {"n_samples": 2},
-    "scorecam": {},
-    "sscam": {"N": 2},
-    "iscam": {"N": 2},
-    "random": {},
-}
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

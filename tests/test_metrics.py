@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import OnePixelModel
 from torch import nn
 
 from iscam import metrics
@@ -69,18 +70,6 @@ def _scipy_blur(x: torch.Tensor) -> torch.Tensor:
         for col in range(array.shape[3]):
             out[:, :, row, col] = (padded[:, :, row : row + 11, col : col + 11] * kernel).sum(axis=(2, 3))
     return torch.from_numpy(out)
-
-
-class OnePixelModel(nn.Module):
-    """Two classes; logit 0 = gain * x[channel 0, row, col], logit 1 = 0: p_0 = sigmoid(gain * pixel)."""
-
-    def __init__(self, row: int, col: int, gain: float = 3.0) -> None:
-        super().__init__()
-        self.row, self.col, self.gain = row, col, gain
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logit = self.gain * x[:, 0, self.row, self.col]
-        return torch.stack([logit, torch.zeros_like(logit)], dim=1)
 
 
 class ConstantModel(nn.Module):

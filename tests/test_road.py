@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import OnePixelModel
 from torch import nn
 
 from iscam import metrics, road
@@ -35,18 +36,6 @@ def _images(batch: int = 3, size: int = 10, seed: int = 1) -> torch.Tensor:
 def _saliency(batch: int = 3, size: int = 10, seed: int = 2) -> torch.Tensor:
     """Distinct values (no ties), so both orders are fixed by the values alone."""
     return torch.rand(batch, size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-class OnePixelModel(nn.Module):
-    """Two classes; logit 0 = gain * x[0, row, col], logit 1 = 0, so p_0 = sigmoid(gain * pixel)."""
-
-    def __init__(self, row: int, col: int, gain: float = 3.0) -> None:
-        super().__init__()
-        self.row, self.col, self.gain = row, col, gain
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logit = self.gain * x[:, 0, self.row, self.col]
-        return torch.stack([logit, torch.zeros_like(logit)], dim=1)
 
 
 class RecordingModel(nn.Module):

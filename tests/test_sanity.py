@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import TinyCNN
+from conftest import FAST_KWARGS, TinyCNN
 from skimage.feature import hog
 from skimage.metrics import structural_similarity
 from torch import Tensor, nn
@@ -19,17 +19,7 @@ from iscam.layers import LayerNotFoundError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-#: The six methods with their cheapest settings, plus the random baseline.
-FAST: dict[str, dict[str, object]] = {
-    "gradcam": {},
-    "gradcampp": {},
-    "smoothgradcampp": {"n_samples": 2},
-    "scorecam": {},
-    "sscam": {"N": 2},
-    "iscam": {"N": 2},
-    "random": {},
-}
-PAPER_SIX = {name: FAST[name] for name in methods.METHOD_NAMES}
+PAPER_SIX = {name: FAST_KWARGS[name] for name in methods.METHOD_NAMES}
 
 
 def batch(size: int = 48, n: int = 2) -> Tensor:
