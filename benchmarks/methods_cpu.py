@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,6 +56,7 @@ from process_cost import (
     ALLOCATORS,
     DEFAULT_ALLOCATORS,
     apply_allocator,
+    cpu_name,
     digest,
     measured,
     report_to_parent,
@@ -108,15 +108,6 @@ class Row:
     deduplicated_share: float | None
     maps_digest: str
     maps_equal_across_allocators: bool | None = None
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def load_images(n: int, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[Tensor, str]:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from dataclasses import asdict
 from functools import partial
@@ -59,6 +58,7 @@ from process_cost import (
     ALLOCATORS,
     DEFAULT_ALLOCATORS,
     apply_allocator,
+    cpu_name,
     digest,
     measured,
     report_to_parent,
@@ -82,13 +82,7 @@ def _synchronize(device: torch.device) -> None:
 def _device_name(device: torch.device, threads: int) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        name = names[0] if names else name
-    return f"{name}, {os.cpu_count()} cores, {threads} torch thread(s)"
+    return f"{cpu_name()}, {os.cpu_count()} cores, {threads} torch thread(s)"
 
 
 def load_inputs(spec: dict[str, Any]) -> tuple[nn.Module, str, Tensor, str]:

@@ -17,6 +17,7 @@ import ctypes
 import hashlib
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -95,6 +96,16 @@ def measured() -> Iterator[Cost]:
         cost.minor_faults = after.ru_minflt - before.ru_minflt
         cost.major_faults = after.ru_majflt - before.ru_majflt
         cost.peak_rss_mib = after.ru_maxrss / 1024  # Linux reports KiB
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def apply_allocator(name: str) -> dict[str, int]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,9 @@ from torch import Tensor, nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from process_cost import cpu_name
 
 from iscam import methods, metrics, models, road
 from iscam.data import ManifestDataset, sample_manifest
@@ -33,15 +35,6 @@ from iscam.data import ManifestDataset, sample_manifest
 RESULTS = REPO / "benchmarks" / "results"
 ORDERS = ("morf", "lerf")
 QUICK_IMAGES, QUICK_METHODS = 100, 7
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def time_road(model: nn.Module, x: Tensor, saliency: Tensor, target: Tensor, noise: tuple[float, ...],
