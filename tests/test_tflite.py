@@ -97,6 +97,69 @@ def test_v1_blocks_and_target(v1: nn.Module) -> None:
     assert v1.input_size == (128, 128) and v1.classifier.out_features == 1000
 
 
+class _CalledFunctions(torch.overrides.TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        in_place = kwargs.get("inplace") or (len(args) > 3 and args[3] is True)
+        self.names.add(getattr(func, "__name__", str(func)) + ("_" if in_place else ""))
+        return func(*args, **kwargs)
+
+
+def _every_conv_hooked(model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+    """No-op forward hooks on every convolution: they switch each layer to the out-of-place activation."""
+    return [m.register_forward_hook(lambda *_: None) for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+@pytest.mark.parametrize("name", ["v1", "v2"])
+def test_in_place_activation_changes_no_number(name: str, request: pytest.FixtureRequest) -> None:
+    model = request.getfixturevalue(name)
+    size = model.input_size
+    torch.manual_seed(0)
+    x = (torch.rand(2, 3, *size) * 4 - 2).contiguous(memory_format=torch.channels_last)
+    inputs = [x.clone().requires_grad_(True) for _ in range(2)]
+    with _CalledFunctions() as called:
+        fast = model(inputs[0])
+    assert "hardtanh_" in called.names  # the in-place path did run
+    handles = _every_conv_hooked(model)
+    try:
+        assert all(m._forward_hooks for m in model.modules() if isinstance(m, nn.Conv2d))
+        reference = model(inputs[1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.equal(fast, reference)
+    (fast[:, 3].sum()).backward()
+    (reference[:, 3].sum()).backward()
+    assert torch.equal(inputs[0].grad, inputs[1].grad) and inputs[0].grad.abs().sum() > 0
+
+
+def test_a_hook_on_a_convolution_sees_its_output_before_the_activation(v1: nn.Module) -> None:
+    layer = v1.features[3].conv[0]
+    captured: list[torch.Tensor] = []
+    handle = layer.conv.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    inputs: list[torch.Tensor] = []
+    pre = layer.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
+    try:
+        torch.manual_seed(1)
+        with torch.no_grad():
+            v1(torch.rand(1, 3, 128, 128) * 4 - 2)
+    finally:
+        handle.remove()
+        pre.remove()
+    (out,) = captured
+    assert out.min() < 0 and out.max() > 6  # not clamped in place after the hook saw it
+    with torch.no_grad():
+        assert layer.conv.padding == (1, 1)  # a stride-1 layer: SAME padding is the conv's own
+        assert torch.equal(out, layer.conv(inputs[0]))
+    # the hooks are gone: the layer is back on the in-place path and gives the same activation
+    with torch.no_grad():
+        assert torch.equal(layer(inputs[0]), out.clamp(0, 6))
+
+
 def test_converted_model_supports_gradients_and_batching(v1: nn.Module) -> None:
     torch.manual_seed(0)
     x = torch.randn(3, 3, 128, 128, requires_grad=True)
