@@ -23,6 +23,10 @@ How the runner keeps its promises:
   same images together as an uninterrupted one. Stochastic methods (SS-CAM, Smooth Grad-CAM++, the random
   baseline) are run one image at a time with ``seed=image_seed(config seed, method, file)``, so a row never
   depends on which other images were computed with it (:class:`MethodRunner`, which ``iscam explain`` uses too).
+* **No map computed twice.** A study that changes only the metrics (a variant set such as "insertion onto
+  zeros") takes each row's map, target and map cost from the earlier study's stored row of the same file,
+  method and settings (:func:`_map_identity`) and computes only its metrics: the stored raw map finishes
+  into the saliency bit for bit. ``run.json``'s cost counts those rows as ``maps_reused``.
 * **One writer.** The run holds the store's lock: a second run on the same folder waits, then computes only
   what is still missing. ``run.json`` says what the run plans (``status: running``), then what it did.
 * **Multi-GPU.** Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialised (NCCL on CUDA,
@@ -106,9 +110,13 @@ class Cost:
     metric_seconds: float = 0.0
     forwards: int = 0
     metric_forwards: int = 0
+    #: rows whose map was not recomputed but taken from the row of the same map under other metric parameters
+    #: (they carry that row's map seconds and forwards, so the means stay the cost of one row)
+    maps_reused: int = 0
 
-    def add(self, row: Mapping[str, Any]) -> None:
+    def add(self, row: Mapping[str, Any], *, map_reused: bool = False) -> None:
         self.images += 1
+        self.maps_reused += int(map_reused)
         self.map_seconds += float(row["method_seconds"])
         self.metric_seconds += float(row["metric_seconds"])
         self.forwards += int(row["forward_count"])
@@ -116,9 +124,9 @@ class Cost:
 
     def per_image(self) -> dict[str, float]:
         """Means per image: ``map_seconds``, ``metric_seconds``, ``seconds`` (their sum), ``forwards``,
-        ``metric_forwards``, ``total_forwards``, and ``images``."""
+        ``metric_forwards``, ``total_forwards``, and ``images`` (of which ``maps_reused``)."""
         n = max(1, self.images)
-        return {"images": self.images, "map_seconds": self.map_seconds / n,
+        return {"images": self.images, "maps_reused": self.maps_reused, "map_seconds": self.map_seconds / n,
                 "metric_seconds": self.metric_seconds / n,
                 "seconds": (self.map_seconds + self.metric_seconds) / n, "forwards": self.forwards / n,
                 "metric_forwards": self.metric_forwards / n,
@@ -130,6 +138,7 @@ class Cost:
         self.metric_seconds += other.metric_seconds
         self.forwards += other.forwards
         self.metric_forwards += other.metric_forwards
+        self.maps_reused += other.maps_reused
 
 
 @dataclass
@@ -532,8 +541,13 @@ def _sync(device: torch.device) -> None:
 
 
 def _process_batch(runner: _BatchRunner, method: MethodRunner, batch: Any, fixed: Mapping[str, Any],
-                   rank: int) -> list[dict[str, Any]]:
-    """Maps + metrics for one batch, as store rows; on CUDA out-of-memory, halves the batch and retries."""
+                   rank: int, reused: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Maps + metrics for one batch, as store rows; on CUDA out-of-memory, halves the batch and retries.
+
+    ``reused``: for each image of the batch, the stored row whose map (and target) its row takes instead of
+    computing them (:func:`_reusable_maps`)."""
+    if reused is not None:
+        return _process_batch_once(runner, method, batch, fixed, rank, reused)
     try:
         return _process_batch_once(runner, method, batch, fixed, rank)
     except RuntimeError as error:
@@ -558,19 +572,30 @@ def _split_batch(batch: Any, start: int, stop: int) -> Any:
 
 
 def _process_batch_once(runner: _BatchRunner, method: MethodRunner, batch: Any, fixed: Mapping[str, Any],
-                        rank: int) -> list[dict[str, Any]]:
+                        rank: int, reused: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
     device = runner.device
     x = batch.x.to(device)
     files = list(batch.files)
-    with torch.no_grad(), _autocast(device, runner.config.precision):
-        target = runner.model.model(x).argmax(dim=1)
-    _sync(device)
-    start = time.perf_counter()
-    raw, forwards = method.maps(x, target, files)
-    raw = raw.detach().float()
-    saliency = method.finish(raw, (x.shape[-2], x.shape[-1]))
-    _sync(device)
-    method_seconds = time.perf_counter() - start
+    size = (x.shape[-2], x.shape[-1])
+    if reused is None:
+        with torch.no_grad(), _autocast(device, runner.config.precision):
+            target = runner.model.model(x).argmax(dim=1)
+        _sync(device)
+        start = time.perf_counter()
+        raw, forwards = method.maps(x, target, files)
+        raw = raw.detach().float()
+        saliency = method.finish(raw, size)
+        _sync(device)
+        map_seconds = [(time.perf_counter() - start) / len(files)] * len(files)
+    else:
+        # the stored raw map is the computed one bit for bit (float32 both ways), so finishing it again gives
+        # the saliency the metrics would have seen; the row keeps the cost of computing that map
+        target = torch.tensor([int(row["target"]) for row in reused], device=device)
+        raw = torch.stack([torch.from_numpy(np.array(row["map"], dtype=np.float32)).view(
+            *(int(v) for v in row["map_shape"])) for row in reused]).to(device)
+        saliency = method.finish(raw, size)
+        forwards = [int(row["forward_count"]) for row in reused]
+        map_seconds = [float(row["method_seconds"]) for row in reused]
     before = runner.model.forwards
     start = time.perf_counter()
     values = runner.metrics(x, saliency, target, list(batch.boxes), batch.indices.tolist())
@@ -590,11 +615,11 @@ def _process_batch_once(runner: _BatchRunner, method: MethodRunner, batch: Any, 
         for name in ("y", "o", "drop", "increase", "change", "insertion_auc", "deletion_auc", "pointing",
                      "pointing_skip", "insertion_curve", "deletion_curve"):
             row[name] = values[name][i]
-        stored = method.cls.name != "random"  # the random baseline is rebuilt from its seed
+        stored = _stores_map(method.cls.name)
         # float32 arrays, so a part of random-baseline rows (no map) still stores a list<float> column
         row["map"] = raw[i].flatten().numpy().astype(np.float32) if stored else np.zeros(0, np.float32)
         row["map_shape"] = list(raw.shape[-2:]) if stored else list(saliency.shape[-2:])
-        row.update(method_seconds=method_seconds / count, metric_seconds=metric_seconds / count,
+        row.update(method_seconds=map_seconds[i], metric_seconds=metric_seconds / count,
                    forward_count=int(forwards[i]), metric_forward_count=round(metric_forwards / count),
                    rank=rank)
         rows.append(row)
@@ -1033,6 +1058,36 @@ def _fill_tables(config: ExperimentConfig, store: ResultsStore, dataset: Any, ru
 # The run
 # --------------------------------------------------------------------------------------------------
 
+def _stores_map(method: str) -> bool:
+    """Whether ``method``'s rows store their raw map (the random baseline's is rebuilt from its seed)."""
+    return method != "random"
+
+
+def _map_identity(sconfig: ExperimentConfig, fixed: Mapping[str, Any], stamp: Mapping[str, Any]) -> str:
+    """What a row's map depends on: its key and stamps but the metrics', and its study's settings but the
+    metrics and the list of methods (model, data, seed, device, precision, batch sizes, memory layout).
+
+    Two studies whose rows have the same identity differ only in the metrics (a variant set like
+    "insertion onto zeros"): the later one reuses the earlier one's maps (:func:`_reusable_maps`)."""
+    setup = {k: v for k, v in sconfig.to_dict().items() if k not in ("metrics", "methods")}
+    return json.dumps([setup, {k: v for k, v in fixed.items() if k != "metrics_key"},
+                       {k: v for k, v in stamp.items() if k != "metrics_version"}], sort_keys=True, default=str)
+
+
+def _reusable_maps(store: ResultsStore, origin: tuple[Any, ...], stamp: Mapping[str, Any]
+                   ) -> dict[str, dict[str, Any]]:
+    """The stored rows with key tail ``origin`` (the same map under other metrics) and the map's ``stamp``, by
+    file: their raw map, target and map cost. Rows another rank has not written yet are absent: those maps
+    are computed."""
+    columns = ["target", "map", "map_shape", "method_seconds", "forward_count"]
+    stamps = [c for c in STAMP_COLUMNS if c != "metrics_version"]
+    frame = store.read(columns=columns + stamps)
+    keep = [tail == origin and all(row[i] == stamp[c] for i, c in enumerate(stamps))
+            for tail, row in zip(frame[list(KEY_COLUMNS[1:])].itertuples(index=False, name=None),
+                                 frame[stamps].itertuples(index=False, name=None))]
+    return {row["file"]: row for row in frame[keep][["file", *columns]].to_dict("records")}
+
+
 def _default_command(config: ExperimentConfig, out: Path) -> str:
     return f"iscam run {shlex.quote(config.name)} --out {shlex.quote(str(out))}"
 
@@ -1103,10 +1158,12 @@ def _run_locked(config: ExperimentConfig, studies: list[PlannedStudy], store: Re
     present = set(existing[list(KEY_COLUMNS)].itertuples(index=False, name=None))
 
     # what is missing, what is stale: decided from the keys alone, before the model is loaded
-    work: list[tuple[PlannedStudy, MethodSpec, dict[str, Any], dict[str, Any], list[list[int]]]] = []
+    work: list[tuple[PlannedStudy, MethodSpec, dict[str, Any], dict[str, Any], list[list[int]],
+                     tuple[Any, ...] | None]] = []
     stale_total: dict[str, int] = {}
     scheduled: set[tuple[Any, ...]] = set()
     wanted: set[tuple[Any, ...]] = set()
+    map_origin: dict[str, tuple[Any, ...]] = {}  # _map_identity -> the key tail of the first rows with it
     for planned in studies:
         sconfig = planned.study.config
         chunks = [list(planned.indices[i:i + sconfig.batch_size])
@@ -1126,7 +1183,9 @@ def _run_locked(config: ExperimentConfig, studies: list[PlannedStudy], store: Re
                      and (dataset.files[i],) + tail not in scheduled] for chunk in chunks]
             for chunk in todo:
                 scheduled.update((dataset.files[i],) + tail for i in chunk)
-            work.append((planned, spec, fixed, stamp, [c for c in todo if c]))
+            origin = map_origin.setdefault(_map_identity(sconfig, fixed, stamp), tail)
+            reuse = origin if origin != tail and _stores_map(spec.name) else None
+            work.append((planned, spec, fixed, stamp, [c for c in todo if c], reuse))
     setup = {"model": config.model.name, "weights": weights, "resize": config.model.preprocessing, "layer": layer,
              "precision": config.precision}
     base = select_indices(len(dataset.files), config.data)
@@ -1144,7 +1203,7 @@ def _run_locked(config: ExperimentConfig, studies: list[PlannedStudy], store: Re
         raise StaleRowsError(f"{store.folder} holds rows of this run computed by other code or weights "
                              f"({listing} rows; their stamps {', '.join(STAMP_COLUMNS[1:])} differ): rerun with "
                              "--recompute-stale to recompute them, or use another --out")
-    missing = sum(len(c) for *_, todo in work for c in todo)
+    missing = sum(len(c) for *_, todo, _reuse in work for c in todo)
     artifacts = [(p, *_missing_artifacts(config, p, store, setup)) for p in studies if p.study.figures]
     artifacts = [(p, images, key) for p, images, key in artifacts if images or key is not None]
     needs_figures = bool(artifacts) and dist.rank == 0
@@ -1175,11 +1234,12 @@ def _run_locked(config: ExperimentConfig, studies: list[PlannedStudy], store: Re
             runner = _BatchRunner(config, model, device)
             runner.has_boxes = dataset.has_boxes
             runner.listed_boxes = [len(b) > 0 for b in dataset.boxes] if dataset.has_boxes else ()
-            for planned, spec, fixed, stamp, todo in work:
+            for planned, spec, fixed, stamp, todo, reuse in work:
                 mine = todo[dist.rank::dist.world]
                 count = sum(len(c) for c in mine)
                 if not count:
                     continue
+                sources = {} if reuse is None else _reusable_maps(store, reuse, stamp)
                 sconfig = planned.study.config
                 runner.config = sconfig
                 label = spec.label()
@@ -1192,10 +1252,13 @@ def _run_locked(config: ExperimentConfig, studies: list[PlannedStudy], store: Re
                         for chunk in mine:
                             produced: set[str] = set()
                             for batch in data_module.iter_batches(dataset, len(chunk), indices=chunk):
-                                rows = _process_batch(runner, method, batch, {**fixed, **stamp}, dist.rank)
+                                reused = [sources.get(file) for file in batch.files]
+                                reused_all = all(r is not None for r in reused)
+                                rows = _process_batch(runner, method, batch, {**fixed, **stamp}, dist.rank,
+                                                      reused if reused_all else None)
                                 store.write_part(rows)
                                 for row in rows:
-                                    cost.add(row)
+                                    cost.add(row, map_reused=reused_all)
                                 produced.update(row["file"] for row in rows)
                                 written += len(rows)
                             bad_files.update(dataset.files[i] for i in chunk if dataset.files[i] not in produced)
@@ -1287,7 +1350,9 @@ def describe(summary: RunSummary) -> list[str]:
     for label, cost in summary.cost.items():
         lines.append(f"  {label}: {cost['seconds']:.3f} s/image (map {cost['map_seconds']:.3f} s + metrics "
                      f"{cost['metric_seconds']:.3f} s), {cost['forwards']:.0f} + {cost['metric_forwards']:.0f} "
-                     f"forward passes (map + metrics) on {int(cost['images'])} images")
+                     f"forward passes (map + metrics) on {int(cost['images'])} images"
+                     + (f" ({int(cost['maps_reused'])} maps reused from the same rows under other metrics)"
+                        if cost.get("maps_reused") else ""))
     for name, counts in summary.tables.items():
         lines.append(f"  {name}: {int(counts['rows'])} rows computed in {counts['seconds']:.1f} s")
     if summary.stale_recomputed:

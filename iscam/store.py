@@ -109,7 +109,8 @@ MAP_COLUMNS: tuple[str, ...] = ("map", "map_shape")
 STAMP_COLUMNS: tuple[str, ...] = ("iscam_version", "algorithm_version", "metrics_version", "torch_version",
                                   "weights_id")
 #: Measured, so they differ between runs and are excluded from store comparisons. Seconds and forward passes
-#: per image: ``method_*`` for the map, ``metric_*`` for the metrics' perturbed inputs.
+#: per image: ``method_*`` for the map, ``metric_*`` for the metrics' perturbed inputs (a row whose map the
+#: runner took from the same map's row under other metrics carries that row's map cost).
 TIMING_COLUMNS: tuple[str, ...] = ("method_seconds", "metric_seconds", "forward_count", "metric_forward_count",
                                    "rank")
 ROW_COLUMNS: tuple[str, ...] = (KEY_COLUMNS + METRIC_COLUMNS + CURVE_COLUMNS + MAP_COLUMNS + STAMP_COLUMNS

@@ -229,6 +229,41 @@ def test_rerun_of_a_complete_store_loads_no_model_and_a_new_n_adds_only_its_rows
     assert_same_rows(after.merge(before[list(KEY_COLUMNS)], on=list(KEY_COLUMNS)), before, atol=0)
 
 
+def test_a_set_that_changes_only_the_metrics_reuses_the_maps_bit_for_bit(
+        reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """"insertion onto zeros" changes a metric, not the maps: its rows take the base rows' stored maps,
+    targets and map costs, and equal the rows computed from scratch in every column but the timings."""
+    import itertools
+
+    config = load_config("smoke")
+    store = ResultsStore(reference)
+    frame = store.read(curves=False)
+    zeros = frame[frame["metrics_key"].str.contains('"insertion":{"step":2048,"substrate":"zeros"}')]
+    base = frame[frame["metrics_key"] == config.metrics.key]
+    pairs = zeros.merge(base, on=list(KEY_COLUMNS[:-1]), suffixes=("", "_base"))
+    assert len(pairs) == len(zeros) == 4 and set(pairs["method"]) == {"scorecam", "iscam"}
+    for row in pairs.to_dict("records"):
+        assert np.array_equal(np.asarray(row["map"]), np.asarray(row["map_base"])) and len(row["map"]) == 32 * 32
+        for column in ("target", "map_shape", "method_seconds", "forward_count"):
+            assert np.array_equal(row[column], row[f"{column}_base"]), column
+        assert row["deletion_auc"] == row["deletion_auc_base"]  # the same map under the same deletion metric
+    assert (pairs["insertion_auc"] != pairs["insertion_auc_base"]).any()  # ... under another insertion one
+    cost = store.provenance()["cost"]
+    assert cost["scorecam"]["maps_reused"] == 2 and cost["iscam(N=2, schedule=authors)"]["maps_reused"] == 2
+    assert all(c["maps_reused"] == 0 for label, c in cost.items() if not label.startswith(("scorecam", "iscam(N=2,")))
+
+    # every study a map identity of its own: nothing is reused, every map is computed
+    counter = itertools.count()
+    monkeypatch.setattr("iscam.runner._map_identity", lambda *_: str(next(counter)))
+    out = tmp_path / "smoke"
+    summary = _pinned_run(config, out=out, device="cpu", progress=False, only=["base", "protocol"])
+    assert not any(c["maps_reused"] for c in summary.cost.values())
+    fresh = ResultsStore(out).read()
+    assert len(fresh) == 28 + 2 * (1 + 1 + 2 + 2)  # base; 2 images of schedule = paper, linear, TorchCAM, zeros
+    same_keys = ResultsStore(reference).read().merge(fresh[list(KEY_COLUMNS)], on=list(KEY_COLUMNS))
+    assert_same_rows(fresh, same_keys, atol=0)
+
+
 def models_load():
     from iscam import models
 
