@@ -389,19 +389,27 @@ PERTURBERS = {
 }
 
 
+def stacked_noise(cam: methods.SSCAM, channels: list[int], shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """``[P, N, *shape]``: each listed channel's N draws from its own seeded generator, stacked."""
+    draws = [torch.randn((cam.N, *shape), generator=torch.Generator().manual_seed(sscam_noise_seed(cam.seed, c)))
+             for c in channels]
+    return torch.stack(draws).to(like.dtype)
+
+
 def allocating_perturb(cam: methods.CAM, images: Tensor, masks: Tensor, rows: Tensor, steps: Tensor,
                        channels: list[int]) -> Tensor:
-    """The perturbed inputs as the Score family computed them before the buffers, one fresh tensor per op."""
+    """The perturbed inputs as the Score family computed them before the buffers, one fresh tensor per op
+    (SS-CAM's noise: every pair's draws stacked, then gathered by row and step)."""
     height, width = images.shape[-2:]
     if isinstance(cam, methods.ISCAM):
         scales = torch.tensor(cam.coefficients, dtype=images.dtype)
         return (images * masks)[rows] * scales[steps].view(-1, 1, 1, 1)
     if isinstance(cam, methods.SSCAM):
         if cam.protocol == "torchcam":
-            noise = cam._noise(channels, (1, height, width), images)[rows, steps]
+            noise = stacked_noise(cam, channels, (1, height, width), images)[rows, steps]
             return (masks[rows] + cam.sigma * noise) * images[rows]
         masked = (images * masks)[rows]
-        noise = cam._noise(channels, (3, height, width), images)[rows, steps]
+        noise = stacked_noise(cam, channels, (3, height, width), images)[rows, steps]
         if cam.noise == "sigma":
             return masked + cam.sigma * noise
         span = masked.amax(dim=(1, 2, 3)) - masked.amin(dim=(1, 2, 3))
@@ -415,18 +423,27 @@ def allocating_perturb(cam: methods.CAM, images: Tensor, masks: Tensor, rows: Te
 def test_in_place_perturbation_equals_the_allocating_expressions(
     tiny_cnn: nn.Module, name: str, dtype: torch.dtype
 ) -> None:
-    """Rows filled in place hold bit for bit what ``(X * M)[rows] ...`` computed, in both dtypes."""
+    """Rows filled in place hold bit for bit what ``(X * M)[rows] ...`` computed, in both dtypes, for chunks
+    cut anywhere in the (pair, step) rows: a pair whole, or split between two chunks."""
     generator = torch.Generator().manual_seed(4)
-    images = torch.randn(3, 3, 8, 8, generator=generator).to(dtype)
-    masks = torch.rand(3, 1, 8, 8, generator=generator).to(dtype)
+    images = torch.randn(4, 3, 8, 8, generator=generator).to(dtype)
+    masks = torch.rand(4, 1, 8, 8, generator=generator).to(dtype)
     masks[2] = 0.0  # an all-zero mask: zero span, no noise with noise="authors"
-    rows = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
-    steps = torch.tensor([0, 1, 2, 0, 2, 0, 1, 2])
-    channels = [4, 1, 3]
+    channels = [4, 1, 3, 4]  # the same channel twice: two images of a group
     with PERTURBERS[name](tiny_cnn) as cam:
-        expected = allocating_perturb(cam, images, masks, rows, steps, channels)
-        buffered = cam._perturb(images[rows], masks[rows], rows, steps, channels)
-    assert buffered.dtype == dtype and torch.equal(buffered, expected)
+        steps_per_pair = getattr(cam, "N", 1)
+        total = len(channels) * steps_per_pair
+        for cuts in ([0, total], [0, 2, 7, total], [0, 1, 3, 5, 9, total], [0, total - 1, total]):
+            cuts = sorted({min(cut, total) for cut in cuts})
+            for start, stop in zip(cuts, cuts[1:]):
+                index = torch.arange(start, stop)
+                first, last = start // steps_per_pair, (stop - 1) // steps_per_pair + 1
+                rows, steps = index // steps_per_pair - first, index % steps_per_pair
+                chunk = (images[first:last], masks[first:last], channels[first:last])
+                expected = allocating_perturb(cam, chunk[0], chunk[1], rows, steps, chunk[2])
+                buffered = cam._perturb(chunk[0][rows], chunk[1][rows], rows, steps, chunk[2],
+                                        start % steps_per_pair)
+                assert buffered.dtype == dtype and torch.equal(buffered, expected), (cuts, start)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])

@@ -217,7 +217,7 @@ class _ScoreFamily(CAM):
     _needs_canonical: ClassVar[bool] = False
 
     def _perturb(
-        self, inputs: Tensor, masks: Tensor, rows: Tensor, steps: Tensor, channels: list[int]
+        self, inputs: Tensor, masks: Tensor, rows: Tensor, steps: Tensor, channels: list[int], first_step: int
     ) -> Tensor:
         """Perturbed inputs ``[n, 3, H, W]`` of one chunk, built in place in ``inputs``.
 
@@ -225,8 +225,10 @@ class _ScoreFamily(CAM):
         image and the mask of row ``j``: scratch rows of a :class:`~iscam.batching.ChunkBuffer` that a
         method may overwrite. ``rows[j]`` is the chunk's (image, channel) pair of row ``j``, ``steps[j]``
         its step in ``0..N-1`` and ``channels[p]`` the channel of pair ``p`` (the first channel with the same
-        mask). The product of gathered rows equals the gathered product bit for bit, so filling in place
-        gives the values of the allocating expressions it replaced (``(X * M)[rows]``).
+        mask). The chunk runs through its pairs in order, steps ``0..N-1`` each, starting at step
+        ``first_step`` of pair 0 (the same on the host). The product of gathered rows equals the gathered
+        product bit for bit, so filling in place gives the values of the allocating expressions it replaced
+        (``(X * M)[rows]``).
         """
         return inputs.mul_(masks)
 
@@ -329,6 +331,7 @@ class _ScoreFamily(CAM):
                 pair_of_row - first,
                 index % steps,
                 pair_channels[first:last],
+                rows.start % steps,
             )
             with self._autocast(x.device):
                 logits = self._perturbed_forward(self._layout(inputs)).to(activation.dtype)
@@ -472,7 +475,7 @@ class ISCAM(_ScoreFamily):
         )
 
     def _perturb(
-        self, inputs: Tensor, masks: Tensor, rows: Tensor, steps: Tensor, channels: list[int]
+        self, inputs: Tensor, masks: Tensor, rows: Tensor, steps: Tensor, channels: list[int], first_step: int
     ) -> Tensor:
         scales = self._scales.get((inputs.dtype, inputs.device))
         if scales is None:  # one host-to-device copy per dtype and device, not one per chunk
@@ -607,6 +610,7 @@ class SSCAM(_ScoreFamily):
         self.noise = _check_choice("noise", noise, NOISE_MODES)
         self.seed = _check_seed(seed)
         self._steps = N
+        self._cut_draw: tuple[tuple[Any, ...], Tensor] | None = None
         super().__init__(
             model,
             target_layer,
@@ -618,26 +622,53 @@ class SSCAM(_ScoreFamily):
             compile=compile,
         )
 
-    def _noise(self, channels: list[int], shape: tuple[int, ...], like: Tensor) -> Tensor:
-        """``[P, N, *shape]``: the N noise draws of each listed channel, from its own seeded generator."""
+    def _noise(self, count: int, first_step: int, channels: list[int], shape: tuple[int, ...],
+               like: Tensor) -> Tensor:
+        """``[count, *shape]``: the noise of a chunk's rows, in ``like``'s dtype. The rows run through the pairs
+        of ``channels`` in order, steps ``0..N-1`` each, from step ``first_step`` of the first; a row gets draw
+        ``step`` of its channel.
+
+        Channel ``k``'s ``N`` draws are one ``randn((N, *shape))`` of a generator seeded with
+        ``sscam_noise_seed(seed, k)``: drawn straight into the rows when the chunk holds all of them (no
+        stacked copy, no gather); a pair cut by the chunk's edge is drawn once into a scratch tensor that the
+        next chunk, which starts with the rest of that pair, takes its remaining rows from.
+        """
+        out = torch.empty((count, *shape), dtype=torch.float32, device=like.device)
         generator = torch.Generator(device=like.device)
-        draws = []
-        for channel in channels:
+        row = 0
+        for pair, channel in enumerate(channels):
+            start = first_step if pair == 0 else 0
+            take = min(self.N - start, count - row)
+            if take == self.N:
+                generator.manual_seed(sscam_noise_seed(self.seed, channel))
+                torch.randn((self.N, *shape), generator=generator, out=out[row:row + take])
+            else:
+                out[row:row + take] = self._cut_pair_noise(channel, shape, generator)[start:start + take]
+            row += take
+        if row != count:
+            raise AssertionError(f"{count} rows, {row} from the {len(channels)} pairs of the chunk")
+        # float32 draws whatever the input's dtype, so a float64 reference sees the same noise
+        return out if like.dtype == torch.float32 else out.to(like.dtype)
+
+    def _cut_pair_noise(self, channel: int, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+        """The ``N`` draws of a channel whose rows two chunks share, drawn for the first and kept for the next."""
+        key = (self.seed, channel, shape, generator.device)
+        if self._cut_draw is None or self._cut_draw[0] != key:
             generator.manual_seed(sscam_noise_seed(self.seed, channel))
-            # float32 draws whatever the input's dtype, so a float64 reference sees the same noise
-            draws.append(torch.randn((self.N, *shape), generator=generator, device=like.device))
-        return torch.stack(draws).to(like.dtype)
+            self._cut_draw = (key, torch.randn((self.N, *shape), generator=generator, device=generator.device))
+        return self._cut_draw[1]
 
     def _perturb(
-        self, inputs: Tensor, masks: Tensor, rows: Tensor, steps: Tensor, channels: list[int]
+        self, inputs: Tensor, masks: Tensor, rows: Tensor, steps: Tensor, channels: list[int], first_step: int
     ) -> Tensor:
         height, width = inputs.shape[-2:]
+        count = inputs.shape[0]
         if self._protocol.noise_on_mask:
-            # (M[rows] + sigma * noise) * X[rows], in place (the noise is a fresh gather, free to scale)
-            noise = self._noise(channels, (1, height, width), inputs)[rows, steps]
+            # (M[rows] + sigma * noise) * X[rows], in place (the noise is fresh, free to scale)
+            noise = self._noise(count, first_step, channels, (1, height, width), inputs)
             return inputs.mul_(masks.add_(noise.mul_(self.sigma)))
         masked = inputs.mul_(masks)
-        noise = self._noise(channels, (3, height, width), inputs)[rows, steps]
+        noise = self._noise(count, first_step, channels, (3, height, width), inputs)
         if self.noise == "sigma":
             return masked.add_(noise.mul_(self.sigma))
         span = masked.amax(dim=(1, 2, 3)) - masked.amin(dim=(1, 2, 3))
