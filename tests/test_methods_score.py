@@ -146,6 +146,25 @@ def test_sscam_without_noise_is_scorecam(tiny64: nn.Module) -> None:
         torch.testing.assert_close(smooth.channel_weights(x), plain.channel_weights(x), rtol=0, atol=1e-12)
 
 
+def test_sscam_noise_is_the_same_drawn_by_one_thread_or_several(tiny64: nn.Module) -> None:
+    """The channels' draws are split over torch's intra-op threads; each seeds its own generator."""
+    from iscam.methods import score
+
+    x = tiny_input()
+    threads = torch.get_num_threads()
+    maps = {}
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            with methods.SSCAM(tiny64, "features.4", N=3, seed=7, batch_size=16) as cam:
+                maps[count] = cam.channel_weights(x)
+            if count == 3:
+                assert score._DRAW_POOL is not None and score._DRAW_POOL[1]._max_workers >= 2
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(maps[1], maps[3]) and maps[1].abs().sum() > 0
+
+
 def test_iscam_with_one_linear_step_is_scorecam(tiny64: nn.Module) -> None:
     x = tiny_input()
     integrated = methods.ISCAM(tiny64, "features.4", N=1, schedule="linear")

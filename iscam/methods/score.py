@@ -29,6 +29,9 @@ built in place in the same buffer (:class:`iscam.batching.ChunkBuffer`), and ``a
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -98,6 +101,29 @@ def iscam_coefficients(N: int, schedule: str = "authors") -> list[float]:
 def sscam_noise_seed(seed: int, channel: int) -> int:
     """Seed of the generator that draws SS-CAM's N noise tensors for one channel (same for every image)."""
     return (seed * 1_000_003 + channel) % (2**63)
+
+
+_DRAW_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a forked child makes its own
+
+
+def _draw_in_parallel(draw: Callable[[list[Tensor | Any]], None], jobs: list[Any], device: torch.device) -> None:
+    """``draw(jobs)`` split over torch's intra-op threads on a CPU (on a GPU, one call: its draws are async).
+
+    ``torch.randn`` is single-threaded on a CPU: SS-CAM's noise (N draws of the input's size per channel) took
+    a third of its time with one core idle. Every job seeds its own generator, so the draws are the same
+    whichever thread makes them and however many there are.
+    """
+    global _DRAW_POOL
+    threads = min(torch.get_num_threads(), len(jobs)) if device.type == "cpu" else 1
+    if threads <= 1:
+        draw(jobs)
+        return
+    if _DRAW_POOL is None or _DRAW_POOL[0] != os.getpid() or _DRAW_POOL[1]._max_workers < threads:
+        _DRAW_POOL = (os.getpid(), ThreadPoolExecutor(max_workers=threads, thread_name_prefix="iscam-noise"))
+    share = -(-len(jobs) // threads)
+    futures = [_DRAW_POOL[1].submit(draw, jobs[i:i + share]) for i in range(0, len(jobs), share)]
+    for future in futures:
+        future.result()
 
 
 def _torchcam_normalise(activation: Tensor) -> Tensor:
@@ -565,8 +591,9 @@ class SSCAM(_ScoreFamily):
     ``N = 35`` follows the authors' notebook (the paper's text says N = 15 for its experiments: ``N=15``).
     Noise is drawn in float32 on ``x.device`` by a ``torch.Generator`` seeded with
     :func:`sscam_noise_seed(seed, k) <sscam_noise_seed>` for each channel ``k`` (``N`` tensors of shape
-    ``[3, H, W]``), so the result is repeatable and does not depend on the input's dtype, the batch size,
-    the other images in the batch or deduplication (channels with identical normalised activation maps
+    ``[3, H, W]``; on a CPU the channels' draws are split over torch's intra-op threads), so the result is
+    repeatable and does not depend on the input's dtype, the batch size, the thread count, the other images
+    in the batch or deduplication (channels with identical normalised activation maps
     share their representative's noise). It does depend on the device type: CPU and CUDA generators draw
     different streams (drawing on the CPU and copying would cost more than the forwards on a GPU). With
     ``protocol="torchcam"`` the noise (std ``sigma``, shape ``[1, H, W]``) is added to the upsampled mask as
@@ -635,20 +662,31 @@ class SSCAM(_ScoreFamily):
         """
         out = torch.empty((count, *shape), dtype=torch.float32, device=like.device)
         generator = torch.Generator(device=like.device)
+        whole: list[tuple[int, int]] = []  # (first row, channel) of the pairs the chunk holds all of
         row = 0
         for pair, channel in enumerate(channels):
             start = first_step if pair == 0 else 0
             take = min(self.N - start, count - row)
             if take == self.N:
-                generator.manual_seed(sscam_noise_seed(self.seed, channel))
-                torch.randn((self.N, *shape), generator=generator, out=out[row:row + take])
+                whole.append((row, channel))
             else:
                 out[row:row + take] = self._cut_pair_noise(channel, shape, generator)[start:start + take]
             row += take
         if row != count:
             raise AssertionError(f"{count} rows, {row} from the {len(channels)} pairs of the chunk")
+        _draw_in_parallel(self._draw_into, [(out[first:first + self.N], channel) for first, channel in whole],
+                          like.device)
         # float32 draws whatever the input's dtype, so a float64 reference sees the same noise
         return out if like.dtype == torch.float32 else out.to(like.dtype)
+
+    def _draw_into(self, jobs: list[tuple[Tensor, int]]) -> None:
+        """Each job's ``N`` draws into its rows, from one generator reseeded per channel."""
+        if not jobs:
+            return
+        generator = torch.Generator(device=jobs[0][0].device)
+        for rows, channel in jobs:
+            generator.manual_seed(sscam_noise_seed(self.seed, channel))
+            torch.randn(rows.shape, generator=generator, out=rows)
 
     def _cut_pair_noise(self, channel: int, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
         """The ``N`` draws of a channel whose rows two chunks share, drawn for the first and kept for the next."""
