@@ -546,10 +546,8 @@ def _process_batch(runner: _BatchRunner, method: MethodRunner, batch: Any, fixed
 
     ``reused``: for each image of the batch, the stored row whose map (and target) its row takes instead of
     computing them (:func:`_reusable_maps`)."""
-    if reused is not None:
-        return _process_batch_once(runner, method, batch, fixed, rank, reused)
     try:
-        return _process_batch_once(runner, method, batch, fixed, rank)
+        return _process_batch_once(runner, method, batch, fixed, rank, reused)
     except RuntimeError as error:
         if runner.device.type != "cuda" or not _is_oom(error):
             raise
@@ -561,10 +559,12 @@ def _process_batch(runner: _BatchRunner, method: MethodRunner, batch: Any, fixed
         log.warning("CUDA out of memory on %d images: halving the batches (now %d frames per metric pass)",
                     len(batch.files), runner.metric_batch)
         if len(batch.files) == 1:
-            return _process_batch(runner, method, batch, fixed, rank)
-        half = len(batch.files) // 2
-        return (_process_batch(runner, method, _split_batch(batch, 0, half), fixed, rank)
-                + _process_batch(runner, method, _split_batch(batch, half, len(batch.files)), fixed, rank))
+            return _process_batch(runner, method, batch, fixed, rank, reused)
+        half, count = len(batch.files) // 2, len(batch.files)
+        return (_process_batch(runner, method, _split_batch(batch, 0, half), fixed, rank,
+                               None if reused is None else reused[:half])
+                + _process_batch(runner, method, _split_batch(batch, half, count), fixed, rank,
+                                 None if reused is None else reused[half:]))
 
 
 def _split_batch(batch: Any, start: int, stop: int) -> Any:

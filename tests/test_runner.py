@@ -264,6 +264,38 @@ def test_a_set_that_changes_only_the_metrics_reuses_the_maps_bit_for_bit(
     assert_same_rows(fresh, same_keys, atol=0)
 
 
+def test_out_of_memory_splits_a_batch_with_each_image_keeping_its_reused_map(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA out-of-memory retry halves the batch: each half goes on with its own images' reused rows."""
+    from types import SimpleNamespace
+
+    from iscam import runner as iscam_runner
+    from iscam.data import Batch
+
+    calls = []
+
+    def once(runner, method, batch, fixed, rank, reused=None):
+        if len(batch.files) > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        calls.append((list(batch.files), reused))
+        return [{"file": batch.files[0]}]
+
+    monkeypatch.setattr(iscam_runner, "_process_batch_once", once)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    files = ["a", "b", "c"]
+    batch = Batch(x=torch.zeros(3, 3, 4, 4), labels=torch.zeros(3, dtype=torch.long),
+                  boxes=[torch.zeros(0, 4)] * 3, files=files, indices=torch.arange(3))
+    fake_runner = SimpleNamespace(device=torch.device("cuda"), metric_batch=8)
+    method = SimpleNamespace(kwargs={"batch_size": 8}, halve_batch=lambda: None)
+    reused = [{"file": f, "map": [float(i)]} for i, f in enumerate(files)]
+    rows = iscam_runner._process_batch(fake_runner, method, batch, {}, 0, reused)
+    assert [r["file"] for r in rows] == files
+    assert calls == [([f], [reused[i]]) for i, f in enumerate(files)] and fake_runner.metric_batch == 2
+    calls.clear()
+    iscam_runner._process_batch(fake_runner, method, batch, {}, 0)
+    assert calls == [([f], None) for f in files]
+
+
 def models_load():
     from iscam import models
 
