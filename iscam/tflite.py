@@ -157,11 +157,13 @@ class ConvAct(nn.Module):
         convolution or on the activation module gets the out-of-place call, so what it captured is never
         clamped afterwards.
         """
-        if isinstance(self.act, nn.Identity) or _hooked(self.conv) or _hooked(self.act):
+        if _hooked(self.conv) or _hooked(self.act):
             return self.act(y)
-        if isinstance(self.act, nn.ReLU6):
-            return F.hardtanh(y, 0.0, 6.0, inplace=True)
-        return F.relu(y, inplace=True)
+        if isinstance(self.act, nn.Hardtanh):  # ReLU6 is Hardtanh(0, 6)
+            return F.hardtanh(y, self.act.min_val, self.act.max_val, inplace=True)
+        if type(self.act) is nn.ReLU:
+            return F.relu(y, inplace=True)
+        return self.act(y)  # Identity, or a module someone put in its place
 
 
 def _hooked(module: nn.Module) -> bool:

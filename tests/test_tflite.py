@@ -3,6 +3,7 @@ the TFLite interpreter (ai-edge-litert) on the 300 shared ILSVRC2012-val images.
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -135,6 +136,18 @@ def test_in_place_activation_changes_no_number(name: str, request: pytest.Fixtur
     (fast[:, 3].sum()).backward()
     (reference[:, 3].sum()).backward()
     assert torch.equal(inputs[0].grad, inputs[1].grad) and inputs[0].grad.abs().sum() > 0
+
+
+def test_an_activation_put_in_place_of_the_converted_one_is_the_one_applied(v1: nn.Module) -> None:
+    layer = copy.deepcopy(v1.features[3].conv[0])
+    torch.manual_seed(2)
+    x = torch.rand(1, 32, 32, 32) * 4 - 2
+    with torch.no_grad():
+        before = layer.conv(x)
+        layer.act = nn.Tanh()
+        assert torch.equal(layer(x), torch.tanh(before))
+        layer.act = nn.Hardtanh(-1.0, 1.0)
+        assert torch.equal(layer(x), before.clamp(-1, 1))
 
 
 def test_a_hook_on_a_convolution_sees_its_output_before_the_activation(v1: nn.Module) -> None:

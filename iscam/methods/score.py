@@ -103,10 +103,11 @@ def sscam_noise_seed(seed: int, channel: int) -> int:
     return (seed * 1_000_003 + channel) % (2**63)
 
 
-_DRAW_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a forked child makes its own
+# (pid, workers, pool): a forked child makes its own
+_DRAW_POOL: tuple[int, int, ThreadPoolExecutor] | None = None
 
 
-def _draw_in_parallel(draw: Callable[[list[Tensor | Any]], None], jobs: list[Any], device: torch.device) -> None:
+def _draw_in_parallel(draw: Callable[[list[Any]], None], jobs: list[Any], device: torch.device) -> None:
     """``draw(jobs)`` split over torch's intra-op threads on a CPU (on a GPU, one call: its draws are async).
 
     ``torch.randn`` is single-threaded on a CPU: SS-CAM's noise (N draws of the input's size per channel) took
@@ -118,10 +119,11 @@ def _draw_in_parallel(draw: Callable[[list[Tensor | Any]], None], jobs: list[Any
     if threads <= 1:
         draw(jobs)
         return
-    if _DRAW_POOL is None or _DRAW_POOL[0] != os.getpid() or _DRAW_POOL[1]._max_workers < threads:
-        _DRAW_POOL = (os.getpid(), ThreadPoolExecutor(max_workers=threads, thread_name_prefix="iscam-noise"))
+    if _DRAW_POOL is None or _DRAW_POOL[0] != os.getpid() or _DRAW_POOL[1] < threads:
+        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="iscam-noise")
+        _DRAW_POOL = (os.getpid(), threads, pool)
     share = -(-len(jobs) // threads)
-    futures = [_DRAW_POOL[1].submit(draw, jobs[i:i + share]) for i in range(0, len(jobs), share)]
+    futures = [_DRAW_POOL[2].submit(draw, jobs[i:i + share]) for i in range(0, len(jobs), share)]
     for future in futures:
         future.result()
 
