@@ -908,13 +908,18 @@ def _sanity_stages(config: ExperimentConfig, model: torch.nn.Module,
     return stages
 
 
+def _stored_rows(store: ResultsStore, tails: set[tuple[Any, ...]], columns: Sequence[str]
+                 ) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """The stored rows whose key tail (the key without ``file``) is one of ``tails``, by their full key, with
+    the key columns and ``columns``."""
+    frame = store.read(columns=list(columns))
+    keep = [tail in tails for tail in frame[list(KEY_COLUMNS[1:])].itertuples(index=False, name=None)]
+    return {(row["file"],) + tuple(row[c] for c in KEY_COLUMNS[1:]): row for row in frame[keep].to_dict("records")}
+
+
 def _road_sources(store: ResultsStore, units: Sequence[_RoadUnit]) -> dict[tuple[Any, ...], dict[str, Any]]:
     """The stored base rows the ROAD units read (map, map_shape, target, index), by their full key."""
-    frame = store.read(columns=["index", "target", "map", "map_shape"])
-    sources = {unit.source for unit in units}
-    tails = list(frame[list(KEY_COLUMNS[1:])].itertuples(index=False, name=None))
-    frame = frame[[tail in sources for tail in tails]]
-    return {(row["file"],) + tuple(row[c] for c in KEY_COLUMNS[1:]): row for row in frame.to_dict("records")}
+    return _stored_rows(store, {unit.source for unit in units}, ["index", "target", "map", "map_shape"])
 
 
 def _road_rows(unit: _RoadUnit, config: ExperimentConfig, runner: _BatchRunner, layer: str, batch: Any,
@@ -1079,13 +1084,9 @@ def _reusable_maps(store: ResultsStore, origin: tuple[Any, ...], stamp: Mapping[
     """The stored rows with key tail ``origin`` (the same map under other metrics) and the map's ``stamp``, by
     file: their raw map, target and map cost. Rows another rank has not written yet are absent: those maps
     are computed."""
-    columns = ["target", "map", "map_shape", "method_seconds", "forward_count"]
     stamps = [c for c in STAMP_COLUMNS if c != "metrics_version"]
-    frame = store.read(columns=columns + stamps)
-    keep = [tail == origin and all(row[i] == stamp[c] for i, c in enumerate(stamps))
-            for tail, row in zip(frame[list(KEY_COLUMNS[1:])].itertuples(index=False, name=None),
-                                 frame[stamps].itertuples(index=False, name=None))]
-    return {row["file"]: row for row in frame[keep][["file", *columns]].to_dict("records")}
+    rows = _stored_rows(store, {origin}, ["target", "map", "map_shape", "method_seconds", "forward_count", *stamps])
+    return {key[0]: row for key, row in rows.items() if all(row[c] == stamp[c] for c in stamps)}
 
 
 def _default_command(config: ExperimentConfig, out: Path) -> str:
